@@ -1,0 +1,349 @@
+"""The only TOML reader: the config file parsed once into frozen dataclasses.
+
+Every value is validated at load. Unknown keys are errors. A `ConfigError` names the dotted key
+(`upstream.app.servers[1]: ...`) so the CLI can print it as one line and exit 2. Relative paths
+are resolved against the config file's directory. Durations are seconds (float); 0 disables a
+timeout where the key says so.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """An invalid config; `str()` is the one line the CLI prints, starting with the dotted key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """TCP keepalive probes: SO_KEEPALIVE with TCP_KEEPIDLE / TCP_KEEPINTVL / TCP_KEEPCNT."""
+
+    idle: float = 60.0
+    interval: float = 10.0
+    count: int = 6
+
+
+@dataclass(frozen=True)
+class SocketOptions:
+    """Options applied to every socket on one side of a pair (client side or upstream side)."""
+
+    keepalive: Keepalive | None = Keepalive()
+    user_timeout: float = 0.0  # TCP_USER_TIMEOUT; 0 leaves the kernel default
+    nodelay: bool = True
+
+
+@dataclass(frozen=True)
+class ProxySection:
+    pidfile: Path
+    takeover_socket: Path
+    drain_timeout: float = 30.0
+    upgrade_timeout: float = 30.0
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    listen: Address
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    listen: Address
+    mode: str
+    upstream: str
+    sockopts: SocketOptions = SocketOptions()
+    idle_timeout: float = 3600.0  # close a pair after this long with no byte either way; 0: never
+    max_connections: int = 10000
+    backlog: int = 1024
+    splice: bool = True  # tcp mode: zero-copy os.splice through a pipe per direction
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    servers: tuple[Address, ...]
+    balance: str = "round_robin"
+    connect_timeout: float = 3.0
+    sockopts: SocketOptions = SocketOptions()
+    max_fails: int = 3  # consecutive failed connects before a server is skipped...
+    fail_timeout: float = 10.0  # ...for this long (then it is tried again)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    proxy: ProxySection
+    metrics: MetricsSection | None
+    listeners: tuple[Listener, ...]
+    upstreams: Mapping[str, Upstream]
+
+
+MODES = ("tcp", "http")
+BALANCES = ("round_robin", "least_conn")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _Table:
+    """A TOML table being read: hands out typed values and rejects the keys never asked for."""
+
+    def __init__(self, key: str, raw: object) -> None:
+        if not isinstance(raw, dict):
+            raise ConfigError(key, f"expected a table, got {_kind(raw)}")
+        self.key = key
+        self.raw: dict[str, Any] = raw
+        self.seen: set[str] = set()
+
+    def sub(self, name: str) -> str:
+        return f"{self.key}.{name}" if self.key else name
+
+    def get(self, name: str, conv: Callable[[str, object], T], default: T | None = None) -> T:
+        self.seen.add(name)
+        if name not in self.raw:
+            if default is None:
+                raise ConfigError(self.sub(name), "missing")
+            return default
+        return conv(self.sub(name), self.raw[name])
+
+    def has(self, name: str) -> bool:
+        return name in self.raw
+
+    def finish(self) -> None:
+        for name in self.raw:
+            if name not in self.seen:
+                raise ConfigError(self.sub(name), "unknown key")
+
+
+def _kind(v: object) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "a table"}.get(type(v), type(v).__name__)
+
+
+def _str(key: str, v: object) -> str:
+    if not isinstance(v, str) or not v:
+        raise ConfigError(key, f"expected a non-empty string, got {_kind(v)}")
+    return v
+
+
+def _bool(key: str, v: object) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(key, f"expected true or false, got {_kind(v)}")
+    return v
+
+
+def _seconds(key: str, v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ConfigError(key, f"expected a duration in seconds, got {_kind(v)}")
+    if v < 0 or v != v or v == float("inf"):
+        raise ConfigError(key, f"expected a finite duration >= 0, got {v}")
+    return float(v)
+
+
+def _positive_seconds(key: str, v: object) -> float:
+    s = _seconds(key, v)
+    if s == 0:
+        raise ConfigError(key, "must be greater than 0")
+    return s
+
+
+def _count(key: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(key, f"expected an integer, got {_kind(v)}")
+    if v < 1:
+        raise ConfigError(key, f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str, object], str]:
+    def conv(key: str, v: object) -> str:
+        s = _str(key, v)
+        if s not in options:
+            raise ConfigError(key, f"expected one of {', '.join(options)}, got {s!r}")
+        return s
+
+    return conv
+
+
+def parse_address(key: str, v: object) -> Address:
+    """`host:port` or `[v6]:port`; port 0 asks the kernel for a free port (tests use it)."""
+    s = _str(key, v)
+    if s.startswith("["):
+        host, sep, port = s[1:].partition("]:")
+    else:
+        host, sep, port = s.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535 or "[" in host:
+        raise ConfigError(key, f"expected host:port, got {s!r}")
+    return Address(host, int(port))
+
+
+def _path(base: Path) -> Callable[[str, object], Path]:
+    def conv(key: str, v: object) -> Path:
+        p = Path(_str(key, v))
+        return p if p.is_absolute() else base / p
+
+    return conv
+
+
+def _keepalive(key: str, v: object) -> Keepalive | None:
+    if v is False:
+        return None
+    t = _Table(key, v)
+    ka = Keepalive(
+        idle=t.get("idle", _positive_seconds, Keepalive.idle),
+        interval=t.get("interval", _positive_seconds, Keepalive.interval),
+        count=t.get("count", _count, Keepalive.count),
+    )
+    t.finish()
+    return ka
+
+
+def _sockopts(t: _Table) -> SocketOptions:
+    default = SocketOptions()
+    ka = default.keepalive
+    if t.has("keepalive"):
+        ka = t.get("keepalive", _keepalive, Keepalive())
+        t.seen.add("keepalive")
+    return SocketOptions(
+        keepalive=ka,
+        user_timeout=t.get("user_timeout", _seconds, default.user_timeout),
+        nodelay=t.get("nodelay", _bool, default.nodelay),
+    )
+
+
+def _listener(key: str, raw: object) -> Listener:
+    t = _Table(key, raw)
+    d = Listener
+    listener = Listener(
+        name=t.get("name", _str),
+        listen=t.get("listen", parse_address),
+        mode=t.get("mode", _choice(MODES), "tcp"),
+        upstream=t.get("upstream", _str),
+        sockopts=_sockopts(t),
+        idle_timeout=t.get("idle_timeout", _seconds, d.idle_timeout),
+        max_connections=t.get("max_connections", _count, d.max_connections),
+        backlog=t.get("backlog", _count, d.backlog),
+        splice=t.get("splice", _bool, d.splice),
+    )
+    t.finish()
+    return listener
+
+
+def _upstream(key: str, name: str, raw: object) -> Upstream:
+    t = _Table(key, raw)
+    t.seen.add("servers")
+    servers_raw = t.raw.get("servers")
+    if servers_raw is None:
+        raise ConfigError(t.sub("servers"), "missing")
+    if not isinstance(servers_raw, list) or not servers_raw:
+        raise ConfigError(t.sub("servers"), "expected a non-empty array of host:port")
+    servers = tuple(parse_address(f"{t.sub('servers')}[{i}]", s) for i, s in enumerate(servers_raw))
+    if len(set(servers)) != len(servers):
+        raise ConfigError(t.sub("servers"), "a server is listed twice")
+    d = Upstream
+    up = Upstream(
+        name=name,
+        servers=servers,
+        balance=t.get("balance", _choice(BALANCES), d.balance),
+        connect_timeout=t.get("connect_timeout", _positive_seconds, d.connect_timeout),
+        sockopts=_sockopts(t),
+        max_fails=t.get("max_fails", _count, d.max_fails),
+        fail_timeout=t.get("fail_timeout", _seconds, d.fail_timeout),
+    )
+    t.finish()
+    return up
+
+
+def parse(raw: dict[str, Any], path: Path) -> Config:
+    """Validate a decoded TOML document. Raises ConfigError naming the first bad key."""
+    top = _Table("", raw)
+    base = path.parent
+    t = _Table("proxy", top.get("proxy", lambda k, v: v, {}))
+    top.seen.add("proxy")
+    d = ProxySection
+    proxy = ProxySection(
+        pidfile=t.get("pidfile", _path(base), base / "proxy.pid"),
+        takeover_socket=t.get("takeover_socket", _path(base), base / "proxy.takeover"),
+        drain_timeout=t.get("drain_timeout", _seconds, d.drain_timeout),
+        upgrade_timeout=t.get("upgrade_timeout", _positive_seconds, d.upgrade_timeout),
+        log_level=t.get("log_level", _choice(LOG_LEVELS), d.log_level),
+    )
+    t.finish()
+
+    metrics = None
+    if top.has("metrics"):
+        m = _Table("metrics", top.get("metrics", lambda k, v: v))
+        metrics = MetricsSection(listen=m.get("listen", parse_address))
+        m.finish()
+
+    ups_raw = top.get("upstream", lambda k, v: v, {})
+    ups_t = _Table("upstream", ups_raw)
+    upstreams = {n: _upstream(f"upstream.{n}", n, ups_t.raw[n]) for n in ups_t.raw}
+    ups_t.seen.update(upstreams)
+
+    lst_raw = top.get("listener", lambda k, v: v, [])
+    if not isinstance(lst_raw, list) or not lst_raw:
+        raise ConfigError("listener", "expected at least one [[listener]] table")
+    listeners = tuple(_listener(f"listener[{i}]", r) for i, r in enumerate(lst_raw))
+    names: set[str] = set()
+    addrs: set[Address] = set()
+    if metrics is not None:
+        addrs.add(metrics.listen)
+    for i, lst in enumerate(listeners):
+        if lst.name in names:
+            raise ConfigError(f"listener[{i}].name", f"duplicate listener name {lst.name!r}")
+        if lst.listen in addrs and lst.listen.port != 0:
+            raise ConfigError(f"listener[{i}].listen", f"address {lst.listen} is used twice")
+        if lst.upstream not in upstreams:
+            raise ConfigError(f"listener[{i}].upstream", f"no [upstream.{lst.upstream}] table")
+        names.add(lst.name)
+        addrs.add(lst.listen)
+    top.finish()
+    return Config(path=path, proxy=proxy, metrics=metrics, listeners=listeners, upstreams=upstreams)
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate the config file. Raises ConfigError (the CLI exits 2 on it)."""
+    p = Path(path).resolve()
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config {p}: {exc.strerror}") from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{p}: invalid TOML: {exc}") from exc
+    return parse(raw, p)
+
+
+def summary(cfg: Config) -> str:
+    """The multi-line summary `proxy check` prints."""
+    lines = [f"config {cfg.path}: valid",
+             f"  pidfile {cfg.proxy.pidfile}", f"  takeover_socket {cfg.proxy.takeover_socket}"]
+    if cfg.metrics:
+        lines.append(f"  metrics http://{cfg.metrics.listen}/metrics")
+    for lst in cfg.listeners:
+        lines.append(f"  listener {lst.name} {lst.listen} mode={lst.mode} -> {lst.upstream}")
+    for up in cfg.upstreams.values():
+        servers = ", ".join(str(s) for s in up.servers)
+        lines.append(f"  upstream {up.name} {up.balance}: {servers}")
+    return "\n".join(lines)

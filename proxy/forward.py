@@ -1,0 +1,311 @@
+"""The tcp relay: one client/upstream pair, two pumps, and pause / snapshot / resume.
+
+A `Relay` owns two connected, non-blocking stdlib sockets and moves bytes both ways until both
+directions have reached EOF (each propagated with `shutdown(SHUT_WR)`, so half-close works), an
+error ends the pair, or the pair stays idle for `idle_timeout`.
+
+Theory of operation (why pause is always safe)
+-----------------------------------------------
+Each direction is a `Direction`: the bytes read from its source and not yet written to its
+destination (`pending`, plus `in_pipe` bytes parked in a splice pipe), whether the source reached
+EOF, and whether the destination was shut. The pumps use raw non-blocking `recv`/`send`/`splice`
+calls and update that state synchronously right after each call; their only awaits are trio's
+`wait_readable` / `wait_writable` / `checkpoint`, which hold no partial state. So cancelling the
+pumps at any await leaves a state that describes every byte exactly: nothing was half-written
+(a short `send` keeps its unsent remainder in `pending`), nothing read was dropped.
+
+`pause()` cancels the pumps, waits for them to stop, reads back whatever sits in the splice pipes
+into `pending`, and returns a `PairSnapshot` of plain values. `Relay(..., state=snapshot)` built
+around the same kernel sockets (in this process or, after SCM_RIGHTS, in the next generation)
+carries on from exactly there: no byte is lost, duplicated or reordered.
+
+Zero-copy: a direction starts with `recv`/`send` (best for small messages); once a `recv` fills
+the whole buffer the direction switches to `os.splice` through its own pipe, and back to copying
+when a splice brings in little. The pipe is created on first use.
+
+Fd ownership: the Relay owns both sockets. `run()` closes them when the pair finishes; when the
+pair was paused they stay open and belong to whoever called `pause()` (who then either closes
+them with `close()`, after the next generation acknowledged its copies, or calls `run()` again).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+import trio
+
+from proxy import log
+
+RECV_SIZE = 65536  # a recv this full marks a direction as bulk: it switches to splice
+PIPE_SIZE = 1 << 20  # splice pipe capacity asked for (fs.pipe-max-size caps it)
+SPLICE_SMALL = 16384  # a splice that brings in less than this switches back to copying
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_HAVE_SPLICE = hasattr(os, "splice")
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+ByteCount = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class DirectionSnapshot:
+    pending: bytes = b""  # read from the source, not yet written to the destination
+    eof: bool = False  # the source reached EOF
+    shut: bool = False  # shutdown(SHUT_WR) was done on the destination
+
+
+@dataclass(frozen=True)
+class PairSnapshot:
+    """Everything a relay needs, besides its two fds, to carry on in another process."""
+
+    c2u: DirectionSnapshot = DirectionSnapshot()
+    u2c: DirectionSnapshot = DirectionSnapshot()
+
+
+@dataclass(eq=False)
+class Direction:
+    name: str
+    src: socket.socket
+    dst: socket.socket
+    count: ByteCount
+    pending: bytearray = field(default_factory=bytearray)
+    eof: bool = False
+    shut: bool = False
+    moved: int = 0  # bytes written to dst by this relay (the idle watchdog reads it)
+    bulk: bool = False
+    pipe: tuple[int, int] | None = None
+    in_pipe: int = 0
+
+    def snapshot(self) -> DirectionSnapshot:
+        return DirectionSnapshot(bytes(self.pending), self.eof, self.shut)
+
+    def unpipe(self) -> None:
+        """Read the bytes parked in the splice pipe back into `pending` (pumps must be stopped)."""
+        while self.in_pipe and self.pipe is not None:
+            chunk = os.read(self.pipe[0], self.in_pipe)
+            if not chunk:  # cannot happen while we hold the write end; guard the loop anyway
+                raise RuntimeError("splice pipe lost bytes")
+            self.pending += chunk
+            self.in_pipe -= len(chunk)
+
+    def close_pipe(self) -> None:
+        if self.pipe is not None:
+            os.close(self.pipe[0])
+            os.close(self.pipe[1])
+            self.pipe = None
+
+
+class State(Enum):
+    NEW = "new"
+    RUNNING = "running"
+    PAUSED = "paused"
+    CLOSED = "closed"
+
+
+class PeerGone(Exception):
+    """A socket of the pair failed (reset, broken pipe, keepalive timeout...): the pair ends."""
+
+
+def _noop(n: int) -> None:
+    pass
+
+
+class Relay:
+    """One client/upstream pair. See the module docstring for the pause/resume contract."""
+
+    def __init__(
+        self,
+        client: socket.socket,
+        upstream: socket.socket,
+        *,
+        state: PairSnapshot | None = None,
+        splice: bool = True,
+        idle_timeout: float = 0.0,
+        count_c2u: ByteCount = _noop,
+        count_u2c: ByteCount = _noop,
+    ) -> None:
+        client.setblocking(False)
+        upstream.setblocking(False)
+        self.client = client
+        self.upstream = upstream
+        self.splice = splice and _HAVE_SPLICE
+        self.idle_timeout = idle_timeout
+        self.c2u = Direction("c2u", client, upstream, count_c2u)
+        self.u2c = Direction("u2c", upstream, client, count_u2c)
+        state = state or PairSnapshot()
+        for d, s in ((self.c2u, state.c2u), (self.u2c, state.u2c)):
+            d.pending += s.pending
+            d.eof, d.shut = s.eof, s.shut
+        self.state = State.NEW
+        self.close_reason = ""
+        self._scope = trio.CancelScope()
+        self._stopped = trio.Event()
+        self._pausing = False
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> State:
+        """Relay until the pair finishes (returns CLOSED, fds closed) or is paused (PAUSED)."""
+        if self.state in (State.RUNNING, State.CLOSED):
+            raise RuntimeError(f"run() on a {self.state.value} relay")
+        self.state = State.RUNNING
+        self._stopped = trio.Event()
+        self._pausing = False
+        # Created before the first await, so a pause() that comes in at any point finds it.
+        scope = self._scope = trio.CancelScope()
+        try:
+            with scope:
+                async with trio.open_nursery() as nursery:
+                    done = [0]
+
+                    async def pump(d: Direction) -> None:
+                        try:
+                            await self._pump(d)
+                        except PeerGone as exc:
+                            self.close_reason = self.close_reason or str(exc)
+                            scope.cancel()
+                            return
+                        done[0] += 1
+                        if done[0] == 2:
+                            self.close_reason = self.close_reason or "eof"
+                            scope.cancel()
+
+                    nursery.start_soon(pump, self.c2u)
+                    nursery.start_soon(pump, self.u2c)
+                    if self.idle_timeout > 0:
+                        nursery.start_soon(self._watch_idle)
+        finally:
+            if self._pausing and not self.close_reason:
+                self.state = State.PAUSED
+            else:
+                self.close()
+            self._stopped.set()
+        return self.state
+
+    def request_pause(self) -> None:
+        """Ask the pumps to stop (no wait); `pause()` then collects the snapshot. Lets a caller
+        stop a whole batch of relays in one scheduler pass."""
+        if self.state is State.RUNNING:
+            self._pausing = True
+            self._scope.cancel()
+
+    async def pause(self) -> PairSnapshot | None:
+        """Stop both pumps at a safe point and return the pair's state.
+
+        Returns None when the pair finished on its own meanwhile (nothing to hand over; its fds
+        are closed). Otherwise the relay is PAUSED and its fds stay open for the caller.
+        """
+        if self.state is State.RUNNING:
+            self.request_pause()
+            await self._stopped.wait()
+        if self.state is State.CLOSED:
+            return None
+        self.state = State.PAUSED
+        for d in (self.c2u, self.u2c):
+            d.unpipe()
+            d.close_pipe()
+        return PairSnapshot(self.c2u.snapshot(), self.u2c.snapshot())
+
+    def close(self) -> None:
+        """Close both sockets and pipes (idempotent)."""
+        self.state = State.CLOSED
+        for d in (self.c2u, self.u2c):
+            d.close_pipe()
+        self.client.close()
+        self.upstream.close()
+
+    def fds(self) -> tuple[int, int]:
+        """The two fds (client, upstream) for SCM_RIGHTS; the relay keeps owning them."""
+        return self.client.fileno(), self.upstream.fileno()
+
+    # ---- the pumps ---------------------------------------------------------------------------
+
+    async def _watch_idle(self) -> None:
+        last = -1
+        while True:
+            await trio.sleep(self.idle_timeout)
+            moved = self.c2u.moved + self.u2c.moved
+            if moved == last:
+                self.close_reason = "idle_timeout"
+                self._scope.cancel()
+                return
+            last = moved
+
+    async def _pump(self, d: Direction) -> None:
+        src, dst = d.src, d.dst
+        while True:
+            try:
+                if d.pending:
+                    try:
+                        n = dst.send(d.pending)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(dst)
+                        continue
+                    del d.pending[:n]
+                    d.moved += n
+                    d.count(n)
+                    await trio.lowlevel.checkpoint()
+                elif d.in_pipe:
+                    assert d.pipe is not None
+                    try:
+                        n = os.splice(d.pipe[0], dst.fileno(), d.in_pipe, flags=_SPLICE_FLAGS)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(dst)
+                        continue
+                    d.in_pipe -= n
+                    d.moved += n
+                    d.count(n)
+                    await trio.lowlevel.checkpoint()
+                elif d.eof:
+                    if not d.shut:
+                        d.shut = True
+                        _shutdown_write(dst)
+                    return
+                elif d.bulk:
+                    pipe = d.pipe or _open_pipe(d)
+                    try:
+                        n = os.splice(src.fileno(), pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(src)
+                        continue
+                    if n == 0:
+                        d.eof = True
+                    d.in_pipe += n
+                    d.bulk = n >= SPLICE_SMALL
+                else:
+                    try:
+                        data = src.recv(RECV_SIZE)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(src)
+                        continue
+                    if not data:
+                        d.eof = True
+                    d.pending += data
+                    d.bulk = self.splice and len(data) == RECV_SIZE
+            except OSError as exc:  # BlockingIOError never gets here: each call site handles it
+                name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+                raise PeerGone(f"{d.name}:{name}") from exc
+
+
+def _open_pipe(d: Direction) -> tuple[int, int]:
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:  # an unprivileged process may not exceed fs.pipe-max-size; the default works
+        log.debug("pipe_size_default")
+    d.pipe = (r, w)
+    return d.pipe
+
+
+def _shutdown_write(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:  # the peer already went away entirely: nothing to shut
+            raise
+

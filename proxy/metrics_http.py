@@ -1,0 +1,84 @@
+"""The `[metrics] listen` endpoint: GET/HEAD /metrics over HTTP/1.1 with h11, on trio.
+
+Requests are bounded in size (`MAX_REQUEST`) and time (`REQUEST_TIMEOUT`); anything but
+/metrics is 404, other methods 405. The connection's socket is owned (and closed) here.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import h11
+import trio
+
+from proxy.metrics import CONTENT_TYPE, Metrics
+
+MAX_REQUEST = 16384
+REQUEST_TIMEOUT = 10.0
+MAX_REQUESTS_PER_CONN = 100
+
+
+async def serve_conn(metrics: Metrics, sock: socket.socket) -> None:
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
+    try:
+        with trio.move_on_after(REQUEST_TIMEOUT * MAX_REQUESTS_PER_CONN):
+            for _ in range(MAX_REQUESTS_PER_CONN):
+                if not await _one(metrics, stream, conn):
+                    break
+    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, OSError):
+        pass
+    finally:
+        await stream.aclose()
+
+
+async def _one(metrics: Metrics, stream: trio.SocketStream, conn: h11.Connection) -> bool:
+    """Serve one request; False when the connection is to be closed."""
+    with trio.move_on_after(REQUEST_TIMEOUT):
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                await _send(stream, conn, exc.error_status_hint, b"bad request\n")
+                return False
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(65536)
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Request) or event is h11.PAUSED:
+                break
+            if isinstance(event, h11.ConnectionClosed):
+                return False
+    if not isinstance(event, h11.Request):
+        return False
+    path = event.target.split(b"?", 1)[0]
+    if event.method not in (b"GET", b"HEAD"):
+        await _send(stream, conn, 405, b"method not allowed\n")
+    elif path != b"/metrics":
+        await _send(stream, conn, 404, b"not found: try /metrics\n")
+    else:
+        body = metrics.render()
+        await _send(stream, conn, 200, body, CONTENT_TYPE, head=event.method == b"HEAD")
+    if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+        return False
+    # Drain the rest of the request (a body on a GET is legal), then start over.
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(65536))
+        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+            break
+    if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+        return False
+    conn.start_next_cycle()
+    return True
+
+
+async def _send(stream: trio.SocketStream, conn: h11.Connection, status: int, body: bytes,
+                ctype: str = "text/plain; charset=utf-8", head: bool = False) -> None:
+    headers = [("Content-Type", ctype), ("Content-Length", str(len(body)))]
+    data = conn.send(h11.Response(status_code=status, headers=headers)) or b""
+    if not head:
+        data += conn.send(h11.Data(data=body)) or b""
+    data += conn.send(h11.EndOfMessage()) or b""
+    await stream.send_all(data)

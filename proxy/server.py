@@ -1,0 +1,335 @@
+"""One generation's serving machinery: listeners, accept loops, the connection table, drain.
+
+Nurseries (STYLE habit 3): accept loops run under `accept_scope`, a cancel scope of their own, so
+"stop accepting" is cancelling it and the listening sockets stay open (the next generation holds
+copies of them). Connection handlers run in `handlers`, a nursery hosted by a separate task that
+lives until the generation stops; draining is a deadline on it. A connection handed over to the
+next generation is paused and removed from the table, never cancelled.
+
+Fd ownership: listening sockets belong to the `Server` (closed by `close_listeners()`); an
+accepted client socket belongs to its handler until a `Relay` is built, then to the relay; a
+paused relay belongs to the upgrader, which closes it once the next generation acknowledged it or
+resumes it here with `resume()`.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from proxy import log, sockopts, upstream
+from proxy.config import Address, Config, Listener
+from proxy.forward import PairSnapshot, Relay, State
+from proxy.metrics import Metrics
+
+# Accept errors that mean "out of a resource", not "this client failed": back off and keep
+# serving. (The same set trio's serve_listeners and HAProxy treat as capacity problems.)
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Accept errors about one connection that died in the backlog: skip it.
+ACCEPT_SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+ACCEPT_BACKOFF_MAX = 1.0
+
+METRICS_LISTENER = "__metrics__"
+TAKEOVER_LISTENER = "__takeover__"
+
+
+@dataclass(eq=False)
+class ListenerRuntime:
+    cfg: Listener
+    sock: socket.socket
+    active: int = 0
+    capacity: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass(eq=False)
+class Conn:
+    id: int
+    listener: str
+    mode: str
+    client: str
+    lr: ListenerRuntime | None
+    relay: Relay | None = None
+    server: upstream.ServerState | None = None
+
+
+def listener_key(name: str, addr: Address | str) -> str:
+    return f"{name}@{addr}"
+
+
+def bind_tcp(addr: Address, backlog: int) -> socket.socket:
+    fam = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+    sock = socket.socket(fam, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((addr.host, addr.port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def sock_addr(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return str(Address(host, port))
+
+
+class Server:
+    def __init__(self, cfg: Config, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.listeners: dict[str, ListenerRuntime] = {}
+        self.metrics_sock: socket.socket | None = None
+        self.conns: dict[int, Conn] = {}
+        self.busy = 0  # work in progress that cannot move yet (connecting, a metrics request)
+        self.balancers = {n: upstream.Balancer(u) for n, u in cfg.upstreams.items()}
+        self.handlers: trio.Nursery | None = None
+        self.accept_scope = trio.CancelScope()
+        self.changed = trio.lowlevel.ParkingLot()  # woken when a conn ends or becomes movable
+        self._ids = itertools.count(1)
+        self._handlers_scope = trio.CancelScope()
+        self.metrics_handler: Callable[[socket.socket], Awaitable[None]] | None = None
+
+    # ---- listeners ---------------------------------------------------------------------------
+
+    def open_listeners(self, inherited: dict[str, socket.socket]) -> None:
+        """Take each configured listener from `inherited` (keyed by `listener_key`) or bind it;
+        close inherited sockets the config no longer has. Raises OSError when a bind fails
+        (after closing what it opened)."""
+        inherited = dict(inherited)
+        try:
+            for lst in self.cfg.listeners:
+                sock = inherited.pop(listener_key(lst.name, lst.listen), None)
+                how = "inherited"
+                if sock is None:
+                    sock, how = bind_tcp(lst.listen, lst.backlog), "bound"
+                sock.setblocking(False)
+                self.listeners[lst.name] = ListenerRuntime(lst, sock)
+                self.metrics.connections_active.labels(lst.name)
+                self.metrics.connections_accepted.labels(lst.name)
+                log.info("listening", listener=lst.name, addr=sock_addr(sock), mode=lst.mode,
+                         how=how)
+            if self.cfg.metrics is not None:
+                addr = self.cfg.metrics.listen
+                sock = inherited.pop(listener_key(METRICS_LISTENER, addr), None)
+                how = "inherited"
+                if sock is None:
+                    sock, how = bind_tcp(addr, 128), "bound"
+                sock.setblocking(False)
+                self.metrics_sock = sock
+                log.info("metrics_listening", addr=sock_addr(sock), how=how)
+        except BaseException:
+            self.close_listeners()
+            raise
+        finally:
+            for key, sock in inherited.items():
+                log.info("listener_closed", key=key, reason="not in config")
+                sock.close()
+
+    def listener_sockets(self) -> dict[str, socket.socket]:
+        """Every listening socket keyed by `listener_key`, for the takeover channel."""
+        out = {listener_key(lr.cfg.name, lr.cfg.listen): lr.sock for lr in self.listeners.values()}
+        if self.cfg.metrics is not None and self.metrics_sock is not None:
+            out[listener_key(METRICS_LISTENER, self.cfg.metrics.listen)] = self.metrics_sock
+        return out
+
+    def close_listeners(self) -> None:
+        for lr in self.listeners.values():
+            lr.sock.close()
+        if self.metrics_sock is not None:
+            self.metrics_sock.close()
+
+    # ---- accepting ---------------------------------------------------------------------------
+
+    async def accept_all(self) -> None:
+        """Run every accept loop until `stop_accepting()` (restartable: a rollback calls it again)."""
+        self.accept_scope = trio.CancelScope()
+        with self.accept_scope:
+            async with trio.open_nursery() as nursery:
+                for lr in self.listeners.values():
+                    nursery.start_soon(self._accept_loop, lr.sock, lr)
+                if self.metrics_sock is not None:
+                    nursery.start_soon(self._accept_loop, self.metrics_sock, None)
+
+    def stop_accepting(self) -> None:
+        self.accept_scope.cancel()
+
+    async def _accept_loop(self, lsock: socket.socket, lr: ListenerRuntime | None) -> None:
+        backoff = 0.01
+        while True:
+            if lr is not None and lr.active >= lr.cfg.max_connections:
+                log.warning("max_connections", listener=lr.cfg.name, active=lr.active)
+                lr.capacity = trio.Event()
+                await lr.capacity.wait()
+            try:
+                csock, addr = lsock.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(lsock)
+                continue
+            except OSError as exc:
+                if exc.errno in ACCEPT_SKIP_ERRNOS:
+                    continue
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error("accept_backoff", errno=errno.errorcode[exc.errno or 0], delay=backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
+                continue
+            backoff = 0.01
+            csock.setblocking(False)
+            assert self.handlers is not None
+            if lr is None:
+                if self.metrics_handler is None:
+                    csock.close()
+                else:
+                    self.handlers.start_soon(self._busy, self.metrics_handler(csock))
+            else:
+                self._accepted(lr, csock, addr)
+            await trio.lowlevel.checkpoint()
+
+    def _accepted(self, lr: ListenerRuntime, csock: socket.socket, addr: tuple[str, int]) -> None:
+        try:
+            sockopts.apply(csock, lr.cfg.sockopts)
+        except OSError:  # the client already went away
+            csock.close()
+            return
+        conn = Conn(next(self._ids), lr.cfg.name, lr.cfg.mode, str(Address(*addr[:2])), lr)
+        self._add(conn)
+        self.metrics.connections_accepted.labels(lr.cfg.name).inc()
+        assert self.handlers is not None
+        self.handlers.start_soon(self._handle_tcp, conn, csock)
+
+    # ---- the connection table ----------------------------------------------------------------
+
+    def _add(self, conn: Conn) -> None:
+        self.conns[conn.id] = conn
+        if conn.lr is not None:
+            conn.lr.active += 1
+        self.metrics.connections_active.labels(conn.listener).inc()
+
+    def forget(self, conn: Conn) -> None:
+        """Remove a conn this generation no longer holds (closed, or acknowledged by the next)."""
+        if self.conns.pop(conn.id, None) is None:
+            return
+        if conn.lr is not None:
+            conn.lr.active -= 1
+            if conn.lr.active < conn.lr.cfg.max_connections:
+                conn.lr.capacity.set()
+        if conn.server is not None:
+            conn.server.active -= 1
+        self.metrics.connections_active.labels(conn.listener).dec()
+        self.changed.unpark_all()
+
+    async def _busy(self, work: Awaitable[None]) -> None:
+        self.busy += 1
+        try:
+            await work
+        finally:
+            self.busy -= 1
+            self.changed.unpark_all()
+
+    async def _handle_tcp(self, conn: Conn, csock: socket.socket) -> None:
+        lr = conn.lr
+        assert lr is not None
+        bal = self.balancers[lr.cfg.upstream]
+        self.busy += 1
+        try:
+            usock, conn.server = await upstream.connect(bal, self._count_connect_failure(bal))
+        except upstream.NoUpstream as exc:
+            log.warning("no_upstream", listener=conn.listener, client=conn.client, reason=str(exc))
+            csock.close()
+            self.forget(conn)
+            return
+        except BaseException:
+            csock.close()
+            self.forget(conn)
+            raise
+        finally:
+            self.busy -= 1
+        conn.relay = self._relay(conn.listener, csock, usock, None, lr.cfg)
+        log.debug("conn_open", id=conn.id, listener=conn.listener, client=conn.client,
+                  server=str(conn.server.addr))
+        self.changed.unpark_all()
+        await self.run_relay(conn)
+
+    def _count_connect_failure(self, bal: upstream.Balancer) -> Callable[[Address], None]:
+        fam = self.metrics.upstream_connect_failures
+
+        def count(addr: Address) -> None:
+            fam.labels(bal.cfg.name, str(addr)).inc()
+
+        return count
+
+    def _relay(self, listener: str, csock: socket.socket, usock: socket.socket,
+               state: PairSnapshot | None, cfg: Listener | None) -> Relay:
+        b = self.metrics.bytes
+        return Relay(csock, usock, state=state,
+                     splice=cfg.splice if cfg else True,
+                     idle_timeout=cfg.idle_timeout if cfg else 0.0,
+                     count_c2u=b.labels(listener, "client_to_upstream").inc,
+                     count_u2c=b.labels(listener, "upstream_to_client").inc)
+
+    async def run_relay(self, conn: Conn) -> None:
+        """Run (or resume) a conn's relay. A paused relay stays in the table for the upgrader."""
+        assert conn.relay is not None
+        if await conn.relay.run() is State.CLOSED:
+            log.debug("conn_closed", id=conn.id, reason=conn.relay.close_reason)
+            self.forget(conn)
+
+    def resume(self, conn: Conn) -> None:
+        """Restart a paused relay here (the next generation did not take it)."""
+        assert self.handlers is not None
+        self.handlers.start_soon(self.run_relay, conn)
+
+    def adopt(self, listener: str, mode: str, client: str, server: str,
+              cfd: int, ufd: int, state: PairSnapshot) -> Conn:
+        """A pair received from the previous generation: in the table, not running yet."""
+        lr = self.listeners.get(listener)
+        conn = Conn(next(self._ids), listener, mode, client, lr)
+        bal = self.balancers.get(lr.cfg.upstream) if lr else None
+        for s in bal.servers if bal else ():
+            if str(s.addr) == server:
+                conn.server = s
+                s.active += 1
+        csock, usock = socket.socket(fileno=cfd), socket.socket(fileno=ufd)
+        conn.relay = self._relay(listener, csock, usock, state, lr.cfg if lr else None)
+        self._add(conn)
+        return conn
+
+    def movable(self) -> list[Conn]:
+        return [c for c in self.conns.values()
+                if c.relay is not None and c.relay.state is State.RUNNING]
+
+    def holds_nothing(self) -> bool:
+        return not self.conns and self.busy == 0
+
+    async def wait_changed(self) -> None:
+        await self.changed.park()
+
+    # ---- hosting handlers and draining -------------------------------------------------------
+
+    async def host_handlers(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                            ) -> None:
+        """Host the handler nursery until `stop_handlers()`."""
+        with self._handlers_scope:
+            async with trio.open_nursery() as nursery:
+                self.handlers = nursery
+                task_status.started()
+                await trio.sleep_forever()
+
+    def stop_handlers(self) -> None:
+        self._handlers_scope.cancel()
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until this generation holds nothing, up to `timeout`; True when it emptied."""
+        with trio.move_on_after(timeout):
+            while not self.holds_nothing():
+                await self.wait_changed()
+            return True
+        return False
