@@ -76,6 +76,7 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
                     upgrader.session_scope.cancel()
                     await upgrader.session_done.wait()
                     server.stop_accepting()  # a rollback may have restarted accepting
+                server.close_listeners()
                 upgrader.channel_scope.cancel()
                 if upgrader.channel_sock is not None and pidfile.read(cfg.proxy.pidfile) in (
                         None, os.getpid()):

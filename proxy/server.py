@@ -140,10 +140,14 @@ class Server:
         return out
 
     def close_listeners(self) -> None:
-        for lr in self.listeners.values():
-            lr.sock.close()
+        """Close every listening socket (a graceful stop: new connects are refused)."""
+        socks = [lr.sock for lr in self.listeners.values()]
         if self.metrics_sock is not None:
-            self.metrics_sock.close()
+            socks.append(self.metrics_sock)
+        for sock in socks:
+            if sock.fileno() >= 0:
+                trio.lowlevel.notify_closing(sock)
+                sock.close()
 
     # ---- accepting ---------------------------------------------------------------------------
 
@@ -279,7 +283,9 @@ class Server:
         """Run (or resume) a conn's relay. A paused relay stays in the table for the upgrader."""
         assert conn.relay is not None
         if await conn.relay.run() is State.CLOSED:
-            log.debug("conn_closed", id=conn.id, reason=conn.relay.close_reason)
+            reason = conn.relay.close_reason
+            (log.debug if reason == "eof" else log.info)(
+                "conn_closed", id=conn.id, listener=conn.listener, reason=reason)
             self.forget(conn)
 
     def resume(self, conn: Conn) -> None:
