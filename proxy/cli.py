@@ -70,15 +70,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def upgrade(cfg: config.Config, timeout: float | None) -> int:
-    """Signal the serving generation and wait until a new pid serves (0) or it gives up (1).
-
-    The outcome is read from the pidfile (a new pid that is alive: success) and from the old
-    process (it keeps serving past the upgrade timeout with the pidfile unchanged: rolled back).
-    """
+    """Signal the serving generation and wait until a new pid serves (0) or the attempt is
+    reported failed in the status file beside the pidfile (1, with the reason)."""
     old = pidfile.read(cfg.proxy.pidfile)
     if old is None:
         print(f"proxy upgrade: no pid in {cfg.proxy.pidfile}", file=sys.stderr)
         return 1
+    started = time.time()
     try:
         os.kill(old, signal.SIGUSR2)
     except ProcessLookupError:
@@ -90,12 +88,18 @@ def upgrade(cfg: config.Config, timeout: float | None) -> int:
         if pid is not None and pid != old and _alive(pid):
             print(f"upgraded: pid {old} -> {pid}")
             return 0
+        status = pidfile.read_status(cfg.proxy.pidfile)
+        if (status and status.get("result") == "failed" and status.get("pid") == old
+                and float(status.get("at", 0)) >= started):
+            print(f"proxy upgrade: rolled back: {status.get('reason')}; pid {old} still serves",
+                  file=sys.stderr)
+            return 1
         if not _alive(old) and pid == old:
             print(f"proxy upgrade: pid {old} exited and nothing replaced it", file=sys.stderr)
             return 1
         time.sleep(0.05)
-    print(f"proxy upgrade: rolled back: pid {old} still serves (see its log for the reason)",
-          file=sys.stderr)
+    print(f"proxy upgrade: no outcome within the timeout; pid {pidfile.read(cfg.proxy.pidfile)}"
+          " serves (see its log)", file=sys.stderr)
     return 1
 
 

@@ -51,6 +51,7 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
             upgrader = Upgrader(cfg, server, metrics, 1, argv, root.start_soon, exit_now)
 
             def on_serving(generation: int) -> None:
+                root.start_soon(server.accept_all)
                 upgrader.generation = generation
                 pidfile.write(cfg.proxy.pidfile)
                 notify.notify(f"MAINPID={os.getpid()}", "READY=1")
@@ -114,7 +115,6 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
                     root.start_soon(upgrader.serve_channel, chan)
             except (OSError, TakeoverRefused) as exc:
                 raise StartupError(str(exc)) from exc
-            root.start_soon(server.accept_all)
             await exit_now.wait()
             root.cancel_scope.cancel()
     log.info("exit", code=code)

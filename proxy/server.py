@@ -91,6 +91,7 @@ class Server:
         self.balancers = {n: upstream.Balancer(u) for n, u in cfg.upstreams.items()}
         self.handlers: trio.Nursery | None = None
         self.accept_scope = trio.CancelScope()
+        self.accepting = False
         self.changed = trio.lowlevel.ParkingLot()  # woken when a conn ends or becomes movable
         self._ids = itertools.count(1)
         self._handlers_scope = trio.CancelScope()
@@ -152,16 +153,25 @@ class Server:
     # ---- accepting ---------------------------------------------------------------------------
 
     async def accept_all(self) -> None:
-        """Run every accept loop until `stop_accepting()` (restartable: a rollback calls it again)."""
-        self.accept_scope = trio.CancelScope()
-        with self.accept_scope:
-            async with trio.open_nursery() as nursery:
-                for lr in self.listeners.values():
-                    nursery.start_soon(self._accept_loop, lr.sock, lr)
-                if self.metrics_sock is not None:
-                    nursery.start_soon(self._accept_loop, self.metrics_sock, None)
+        """Run every accept loop until `stop_accepting()` (restartable: a rollback calls it
+        again). A no-op while already accepting."""
+        if self.accepting:
+            return
+        scope = self.accept_scope = trio.CancelScope()
+        self.accepting = True
+        try:
+            with scope:
+                async with trio.open_nursery() as nursery:
+                    for lr in self.listeners.values():
+                        nursery.start_soon(self._accept_loop, lr.sock, lr)
+                    if self.metrics_sock is not None:
+                        nursery.start_soon(self._accept_loop, self.metrics_sock, None)
+        finally:
+            if self.accept_scope is scope:
+                self.accepting = False
 
     def stop_accepting(self) -> None:
+        self.accepting = False
         self.accept_scope.cancel()
 
     async def _accept_loop(self, lsock: socket.socket, lr: ListenerRuntime | None) -> None:

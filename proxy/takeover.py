@@ -29,12 +29,13 @@ Messages, in protocol order (old = serving generation, new = the one taking over
     HELLO     new -> old  {pid}
     WELCOME   old -> new  {pid, generation, signalled_at}
     LISTENERS old -> new  {listeners: [{name, addr}]}                fds: one per listener
-    READY     new -> old  {}   (new accepts on every listener now)
+    READY     new -> old  {}   (new holds every listener; it accepts from RELEASED on)
     CONNS     old -> new  {conns: [ConnRecord]}                     fds: 2 per conn (client, upstream)
     ACK       new -> old  {ids: [int]}  (new owns these now; old closes its copies)
-    RELEASED  old -> new  {metrics}  (old stopped accepting: new is the serving generation)
+    RELEASED  old -> new  {metrics}  (old stopped accepting: new is the serving generation
+                                      and starts accepting)
     DONE      old -> new  {metrics}  (old holds nothing more; metrics = what it counted since
-                                      RELEASED), fds: 0 or 1 (old's stderr, when new is its child)
+                                      RELEASED)
     ABORT     either      {reason}
 A ConnRecord: {id, listener, mode, client, server, c2u: Dir, u2c: Dir} with
 Dir = {pending: [offset, length] into body, eof: bool, shut: bool}.

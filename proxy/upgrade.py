@@ -5,8 +5,9 @@ Old side (`Upgrader`, in the serving generation): on SIGUSR2 `upgrade()` spawns
 (`serve_channel`) takes the peer (same uid or root, one at a time) and `_session` runs the
 sequence documented in `takeover.py`, phase by phase (`Phase`, logged and exported):
 
-    HELLO/WELCOME -> LISTENERS (fds) -> READY -> stop accepting -> CONNS/ACK batches
-    -> RELEASED (metrics) -> hand over the rest as it becomes movable -> DONE -> exit
+    HELLO/WELCOME -> LISTENERS (fds) -> READY -> CONNS/ACK batches -> stop accepting
+    -> last CONNS/ACK batches -> RELEASED (metrics; the new generation starts accepting)
+    -> hand over the rest as it becomes movable -> DONE -> exit
 
 A connection stays ours until the new generation ACKs it: we pause it, send it, and only close
 our copies of its fds on the ACK. Any failure before RELEASED (the child exits, crashes, hangs
@@ -17,8 +18,10 @@ batch *before* it starts those relays, so an un-ACKed pair was never touched by 
 
 New side (`take_over`, in a process started with --takeover): connects, takes the listeners
 (binding those it did not inherit, closing inherited ones its config dropped), says READY, adopts
-each CONNS batch (ACK, then resume), becomes the serving generation on RELEASED (pidfile,
-sd_notify, metrics restored), and on DONE takes the old stderr and the channel's listening socket.
+each CONNS batch (ACK, then resume), becomes the serving generation on RELEASED (accepting,
+pidfile,
+sd_notify, metrics restored, its logs switched from the old generation's pipe to the real
+stderr), and on DONE takes the channel's listening socket.
 If the old generation dies after READY, the new one keeps what it received and serves fully.
 
 Fd ownership: fds received are owned by `take_over` until placed in a Server/Relay; leftovers and
@@ -60,8 +63,10 @@ from proxy.takeover import (
 )
 
 FAULT_ENV = "PROXY_TEST_FAULT_FILE"  # test-only: see `fault()`
+STDERR_FD_ENV = "PROXY_STDERR_FD"  # set by the upgrader for its child: the real stderr's fd
 STDERR_TAIL_LINES = 20
-CLOSE_WAIT = 5.0  # after DONE, how long the old generation waits for the new one to hang up
+CLOSE_WAIT = 5.0
+HELLO_TIMEOUT = 5.0  # after DONE, how long the old generation waits for the new one to hang up
 
 
 class Phase(Enum):
@@ -254,13 +259,19 @@ class Upgrader:
             self.in_progress = False
 
     async def _upgrade(self) -> None:
+        # The child logs into a pipe we read (so a failure report can quote its stderr) and
+        # switches to our real stderr, passed as an extra fd, once it serves (`adopt_stderr`).
+        real_stderr = os.dup(2)
         try:
             proc = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "proxy", *self.argv], stdin=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, start_new_session=False)
+                stderr=subprocess.PIPE, pass_fds=(real_stderr,),
+                env={**os.environ, STDERR_FD_ENV: str(real_stderr)})
         except OSError as exc:
             self._failed(f"cannot start the next generation: {exc}")
             return
+        finally:
+            os.close(real_stderr)
         self.child = proc
         log.info("upgrade_spawned", child_pid=proc.pid)
         self.spawn(self._pump_stderr, proc)
@@ -336,13 +347,13 @@ class Upgrader:
         self.metrics.upgrades.labels("failed").inc()
         tail = " | ".join(list(self.child_tail)[-5:])
         log.error("upgrade_failed", reason=reason, child_stderr_tail=tail)
+        pidfile.write_status(self.cfg.proxy.pidfile, "failed", reason)
         self.set_phase(Phase.SERVING)
         self._notify()
 
     async def _session(self, sock: socket.socket, peer_pid: int, scope: trio.CancelScope) -> None:
         ch = Channel(sock, self.cfg.proxy.upgrade_timeout)
         sent: dict[int, Conn] = {}  # paused and sent, not yet acknowledged: still ours
-        stopped_accepting = False
         released = False
         ours = self.child is not None and self.child.pid == peer_pid
         try:
@@ -354,12 +365,10 @@ class Upgrader:
                     if not self.failure:
                         self.failure = f"{type(exc).__name__}: {exc}"
                 finally:
-                    stopped_accepting = self.phase not in (Phase.SERVING, Phase.HANDSHAKE,
-                                                           Phase.WAIT_READY)
                     released = self.phase in (Phase.RELEASED, Phase.DONE)
             # Cancelled (upgrade timeout / child exit) or failed: roll back what is still ours.
             with trio.CancelScope(shield=True):
-                await self._rollback(ch, sent, stopped_accepting, released, peer_pid, ours)
+                await self._rollback(ch, sent, released, peer_pid, ours)
         finally:
             ch.close()
             self.session_scope = None
@@ -370,7 +379,9 @@ class Upgrader:
                          scope: trio.CancelScope) -> None:
         srv = self.server
         self.set_phase(Phase.HANDSHAKE, peer_pid=peer_pid)
-        hello = await ch.recv(MsgType.HELLO)
+        # A peer gets a short while to introduce itself: one that connects and says nothing
+        # must not hold the channel (one session at a time) for a whole upgrade_timeout.
+        hello = await ch.recv(MsgType.HELLO, timeout=min(HELLO_TIMEOUT, ch.timeout))
         field_of(hello, "pid", int)
         await ch.send(Message(MsgType.WELCOME, {"pid": os.getpid(), "generation": self.generation,
                                                 "signalled_at": self.signalled_at or time.time(),
@@ -384,11 +395,17 @@ class Upgrader:
                               fds=[socks[k].fileno() for k in keys]))
         self.set_phase(Phase.WAIT_READY)
         await ch.recv(MsgType.READY)
-        srv.stop_accepting()
         self.set_phase(Phase.HANDOVER, connections=len(srv.conns))
         await fault_point("old", "after_ready")
         t0 = trio.current_time()
+        # The bulk of the pairs moves while we still accept; then we stop, sweep up what came
+        # in meanwhile and release. The new generation accepts only after RELEASED: had it
+        # accepted from READY on, a client it took and then died with would be lost. Until
+        # then new connects wait in the listen backlog both of us share, and a rollback
+        # finds them there.
         moved = await self._send_movable(ch, sent)
+        srv.stop_accepting()
+        moved += await self._send_movable(ch, sent)
         await ch.send(Message(MsgType.RELEASED, {"metrics": self.metrics.snapshot()}))
         base = self.metrics.snapshot()
         self.set_phase(Phase.RELEASED, moved=moved,
@@ -406,10 +423,9 @@ class Upgrader:
             log.warning("drain_timeout", left=len(srv.conns), busy=srv.busy)
             srv.stop_handlers()
         delta = _delta(self.metrics.snapshot(), base)
-        fds = [2] if ours else []
-        await ch.send(Message(MsgType.DONE, {"metrics": delta}, fds=fds))
+        await ch.send(Message(MsgType.DONE, {"metrics": delta}))
         self.set_phase(Phase.DONE, moved=moved)
-        # Wait for the new generation to hang up (it has switched to our stderr by then).
+        # Wait for the new generation to hang up, so its last lines through our pipe are out.
         with trio.move_on_after(CLOSE_WAIT), contextlib.suppress(*CHANNEL_ERRORS):
             await ch.recv(MsgType.ABORT)
         self.exit_now.set()
@@ -449,9 +465,22 @@ class Upgrader:
             total += len(ids)
         return total
 
-    async def _rollback(self, ch: Channel, sent: dict[int, Conn], stopped_accepting: bool,
-                        released: bool, peer_pid: int, ours: bool) -> None:
+    async def _rollback(self, ch: Channel, sent: dict[int, Conn], released: bool, peer_pid: int,
+                        ours: bool) -> None:
         reason = self.failure or "channel closed"
+        proc = self.child
+        if ours and proc is not None and "exited with status" not in reason:
+            # A broken channel usually means the child died: say how, it is the useful part.
+            with trio.move_on_after(0.5):
+                await proc.wait()
+            if proc.returncode is not None:
+                reason = self.failure = f"exited with status {proc.returncode} ({reason})"
+        if self.phase is Phase.HANDSHAKE and not ours:
+            # A peer that never said a valid HELLO is no upgrade attempt: drop it, count nothing.
+            log.warning("takeover_peer_dropped", peer_pid=peer_pid, reason=reason)
+            self.failure = ""
+            self.set_phase(Phase.SERVING)
+            return
         if ours:
             self._kill_child()
         # ACKs already in the socket buffer still count: those pairs belong to the new side.
@@ -473,8 +502,8 @@ class Upgrader:
             log.error("handover_incomplete", reason=reason, kept=len(sent))
             self.spawn(self._drain_then_exit)
             return
-        if stopped_accepting:
-            self.spawn(self.server.accept_all)
+        if not self.stopping:
+            self.spawn(self.server.accept_all)  # a no-op if we never stopped
         if released:
             pidfile.write(self.cfg.proxy.pidfile)
         self._failed(reason)
@@ -522,8 +551,8 @@ async def take_over(cfg: Config, server: Server, metrics: Metrics,
                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Receive listeners and connections from the generation serving on the channel.
 
-    `task_status.started(generation)` once listeners are open (the caller starts accepting);
-    `on_serving(generation)` when this generation becomes the serving one; `on_channel(sock)`
+    `task_status.started(generation)` once listeners are open; `on_serving(generation)` when
+    this generation becomes the serving one (and may start accepting); `on_channel(sock)`
     with the channel's listening socket once the old generation is gone.
     """
     path = cfg.proxy.takeover_socket
@@ -588,16 +617,14 @@ async def take_over(cfg: Config, server: Server, metrics: Metrics,
                 metrics.restore(msg.head.get("metrics", {}))
                 metrics.upgrades.labels("success").inc()
                 metrics.upgrade_duration.labels().observe(max(0.0, time.time() - signalled_at))
+                pidfile.write_status(cfg.proxy.pidfile, "success")
                 serving = True
+                adopt_stderr()
                 on_serving(generation)
                 log.info("takeover_serving", old_pid=pid, adopted=adopted)
                 await fault_point("new", "after_released")
             else:
                 metrics.restore(msg.head.get("metrics", {}))
-                if msg.fds:
-                    os.dup2(msg.fds[0], 2)
-                    for fd in msg.fds:
-                        os.close(fd)
                 log.info("takeover_done", old_pid=pid, adopted=adopted)
                 break
     except CHANNEL_ERRORS as exc:
@@ -605,6 +632,7 @@ async def take_over(cfg: Config, server: Server, metrics: Metrics,
             raise TakeoverRefused(f"takeover failed: {exc}") from exc
         # The old generation died or broke the channel after we were ready: keep what we
         # received and serve fully.
+        adopt_stderr()
         log.warning("takeover_old_lost", reason=f"{type(exc).__name__}: {exc}")
         if not serving:
             metrics.upgrades.labels("success").inc()
@@ -617,3 +645,16 @@ async def take_over(cfg: Config, server: Server, metrics: Metrics,
 
 
 math_inf = float("inf")
+
+
+def adopt_stderr() -> None:
+    """Switch fd 2 from the pipe our parent generation reads to the real stderr it passed us,
+    so our logs no longer depend on the old generation being alive. Idempotent."""
+    fd = os.environ.pop(STDERR_FD_ENV, None)
+    if fd is None or not fd.isdigit():
+        return
+    try:
+        os.dup2(int(fd), 2)
+        os.close(int(fd))
+    except OSError as exc:
+        log.warning("stderr_switch_failed", error=str(exc))

@@ -1,0 +1,118 @@
+"""Trio load for upgrade tests: an echo backend, sequence-numbered streams, short connections.
+
+A `SeqStream` sends bursts of `seq\\n` lines and checks every echo against what it sent: a lost
+byte stalls it (its timeout fails it), a duplicated or reordered one breaks the comparison. It
+records its worst gap between replies (the stall an upgrade caused).
+"""
+
+from __future__ import annotations
+
+import random
+from functools import partial
+from dataclasses import dataclass, field
+
+import trio
+
+LINE = 9  # b"%08d\n"
+
+
+async def echo_handler(stream: trio.SocketStream) -> None:
+    try:
+        async with stream:
+            while data := await stream.receive_some(65536):
+                await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+async def start_echo(nursery: trio.Nursery) -> int:
+    """An echo server on 127.0.0.1 running in `nursery`; returns its port."""
+    listeners = await nursery.start(partial(trio.serve_tcp, echo_handler, 0, host="127.0.0.1"))
+    port: int = listeners[0].socket.getsockname()[1]
+    return port
+
+
+@dataclass
+class SeqStream:
+    port: int
+    ident: int
+    timeout: float = 10.0
+    seq: int = 0
+    max_gap: float = 0.0
+    error: str = ""
+    open: bool = False
+    replies: int = 0
+    gaps: list[tuple[float, float]] = field(default_factory=list)  # (time, gap) over 50 ms
+
+    async def run(self, stop: trio.Event, pace: float = 0.005) -> None:
+        rng = random.Random(self.ident)
+        try:
+            stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+        except OSError as exc:
+            self.error = f"connect: {exc}"
+            return
+        self.open = True
+        buf = bytearray()
+        last = trio.current_time()
+        try:
+            async with stream:
+                while not stop.is_set():
+                    burst = rng.randint(1, 4)
+                    out = b"".join(b"%08d\n" % (self.seq + i) for i in range(burst))
+                    with trio.fail_after(self.timeout):
+                        await stream.send_all(out)
+                        while len(buf) < len(out):
+                            chunk = await stream.receive_some(65536)
+                            if not chunk:
+                                raise EOFError("stream closed by the proxy")
+                            buf += chunk
+                    got, buf = bytes(buf[:len(out)]), buf[len(out):]
+                    if got != out:
+                        raise AssertionError(f"expected {out!r}, got {got!r}")
+                    now = trio.current_time()
+                    gap = now - last
+                    last = now
+                    self.max_gap = max(self.max_gap, gap)
+                    if gap > 0.05:
+                        self.gaps.append((now, gap))
+                    self.seq += burst
+                    self.replies += 1
+                    await trio.sleep(pace)
+        except (OSError, EOFError, AssertionError, trio.TooSlowError,
+                trio.BrokenResourceError) as exc:
+            self.error = f"stream {self.ident} at seq {self.seq}: {type(exc).__name__}: {exc}"
+        finally:
+            self.open = False
+
+
+@dataclass
+class ShortConns:
+    """Open, echo one line, close; again and again. Every failure is kept."""
+
+    port: int
+    ok: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    async def run(self, stop: trio.Event) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                with trio.fail_after(10):
+                    stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+                    async with stream:
+                        msg = b"short %d\n" % n
+                        await stream.send_all(msg)
+                        got = b""
+                        while len(got) < len(msg):
+                            chunk = await stream.receive_some(100)
+                            if not chunk:
+                                raise EOFError(f"EOF after {got!r}")
+                            got += chunk
+                        if got != msg:
+                            raise AssertionError(f"{got!r} != {msg!r}")
+                self.ok += 1
+            except (OSError, EOFError, AssertionError, trio.TooSlowError,
+                    trio.BrokenResourceError) as exc:
+                self.failures.append(f"#{n}: {type(exc).__name__}: {exc}")
+            await trio.sleep(0.002)
