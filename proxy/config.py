@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+_REQUIRED: Any = object()  # the default of a key that must be present
 
 
 class ConfigError(Exception):
@@ -117,13 +118,18 @@ class _Table:
     def sub(self, name: str) -> str:
         return f"{self.key}.{name}" if self.key else name
 
-    def get(self, name: str, conv: Callable[[str, object], T], default: T | None = None) -> T:
+    def get(self, name: str, conv: Callable[[str, object], T], default: T = _REQUIRED) -> T:
         self.seen.add(name)
         if name not in self.raw:
-            if default is None:
+            if default is _REQUIRED:
                 raise ConfigError(self.sub(name), "missing")
             return default
         return conv(self.sub(name), self.raw[name])
+
+    def value(self, name: str, default: object) -> object:
+        """The raw value of a sub-table or array key (its own reader validates it)."""
+        self.seen.add(name)
+        return self.raw.get(name, default)
 
     def has(self, name: str) -> bool:
         return name in self.raw
@@ -219,10 +225,8 @@ def _keepalive(key: str, v: object) -> Keepalive | None:
 
 def _sockopts(t: _Table) -> SocketOptions:
     default = SocketOptions()
-    ka = default.keepalive
-    if t.has("keepalive"):
-        ka = t.get("keepalive", _keepalive, Keepalive())
-        t.seen.add("keepalive")
+    ka = _keepalive(t.sub("keepalive"), t.value("keepalive", None)) if t.has("keepalive") else (
+        default.keepalive)
     return SocketOptions(
         keepalive=ka,
         user_timeout=t.get("user_timeout", _seconds, default.user_timeout),
@@ -277,8 +281,7 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
     """Validate a decoded TOML document. Raises ConfigError naming the first bad key."""
     top = _Table("", raw)
     base = path.parent
-    t = _Table("proxy", top.get("proxy", lambda k, v: v, {}))
-    top.seen.add("proxy")
+    t = _Table("proxy", top.value("proxy", {}))
     d = ProxySection
     proxy = ProxySection(
         pidfile=t.get("pidfile", _path(base), base / "proxy.pid"),
@@ -291,16 +294,15 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
 
     metrics = None
     if top.has("metrics"):
-        m = _Table("metrics", top.get("metrics", lambda k, v: v))
+        m = _Table("metrics", top.value("metrics", None))
         metrics = MetricsSection(listen=m.get("listen", parse_address))
         m.finish()
 
-    ups_raw = top.get("upstream", lambda k, v: v, {})
-    ups_t = _Table("upstream", ups_raw)
+    ups_t = _Table("upstream", top.value("upstream", {}))
     upstreams = {n: _upstream(f"upstream.{n}", n, ups_t.raw[n]) for n in ups_t.raw}
     ups_t.seen.update(upstreams)
 
-    lst_raw = top.get("listener", lambda k, v: v, [])
+    lst_raw = top.value("listener", [])
     if not isinstance(lst_raw, list) or not lst_raw:
         raise ConfigError("listener", "expected at least one [[listener]] table")
     listeners = tuple(_listener(f"listener[{i}]", r) for i, r in enumerate(lst_raw))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from functools import partial
 
 import trio
@@ -58,7 +59,7 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
                 _title(f"generation {generation} serving")
                 upgrader.set_phase(Phase.SERVING, version=__version__)
 
-            def on_channel(sock: object) -> None:
+            def on_channel(sock: socket.socket) -> None:
                 root.start_soon(upgrader.serve_channel, sock)
 
             async def stop(hard: bool) -> None:

@@ -85,22 +85,19 @@ class Family:
         return child
 
     def collect(self) -> Metric:
-        if self.kind == "counter":
-            fam: Metric = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
-            for lv, c in self.children.items():
-                fam.add_metric(list(lv), c.value)  # type: ignore[attr-defined]
-        elif self.kind == "gauge":
-            fam = GaugeMetricFamily(self.name, self.doc, labels=self.labelnames)
-            for lv, c in self.children.items():
-                fam.add_metric(list(lv), c.value)  # type: ignore[attr-defined]
-        else:
-            fam = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+        if self.kind == "histogram":
+            hist = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
             for lv, h in self.children.items():
                 cum, acc = [], 0.0
                 for b, n in zip((*self.buckets, math.inf), h.counts, strict=True):
                     acc += n
                     cum.append((_le(b), acc))
-                fam.add_metric(list(lv), cum, h.sum)  # type: ignore[attr-defined]
+                hist.add_metric(list(lv), cum, h.sum)
+            return hist
+        fam = (CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily)(
+            self.name, self.doc, labels=self.labelnames)
+        for lv, c in self.children.items():
+            fam.add_metric(list(lv), c.value)
         return fam
 
 

@@ -11,8 +11,8 @@ import contextlib
 import json
 import os
 import time
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 
 def _replace(path: Path, text: str) -> None:

@@ -46,7 +46,7 @@ from typing import Any
 
 import trio
 
-from proxy import __version__, fdpass, log, notify, pidfile
+from proxy import __version__, fdpass, log, pidfile
 from proxy.config import Config
 from proxy.metrics import Metrics
 from proxy.server import TAKEOVER_LISTENER, Conn, Server, listener_key

@@ -103,7 +103,7 @@ def test_duplicate_listener_names(tmp_path: Path) -> None:
 
 
 def test_no_listener(tmp_path: Path) -> None:
-    with pytest.raises(config.ConfigError, match="^listener: expected at least one"):
+    with pytest.raises(config.ConfigError, match=r"^listener: expected at least one"):
         load_text(tmp_path, UPSTREAM)
 
 

@@ -9,9 +9,9 @@ import signal
 import socket
 import subprocess
 import sys
-from functools import partial
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 import pytest
 import trio
@@ -316,13 +316,13 @@ async def test_foreign_uid_and_garbage_on_the_channel_are_dropped() -> None:
                 r"event=takeover_peer_refused .*peer_uid=65534 reason=\"uid differs\""))
             for garbage in (b"GET / HTTP/1.1\r\n\r\n", b"PXTK\x00\x01\x00\x01\xff\xff" + b"x" * 50,
                             hello_frame()[:-3]):
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(str(chan))
-                    s.sendall(garbage)
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.connect(str(chan))
+                    sock.sendall(garbage)
                     if garbage.startswith(b"PXTK") and len(garbage) < 40:
-                        s.shutdown(socket.SHUT_WR)  # truncated frame, then EOF
-                    s.settimeout(10)
-                    reply = await trio.to_thread.run_sync(lambda s=s: s.recv(100))  # type: ignore[misc]
+                        sock.shutdown(socket.SHUT_WR)  # truncated frame, then EOF
+                    sock.settimeout(10)
+                    reply = await trio.to_thread.run_sync(sock.recv, 100)
                     assert reply == b""
             await trio.to_thread.run_sync(lambda: p.wait_log(r"event=takeover_peer_dropped "))
             assert p.count(r"event=takeover_peer_dropped ") == 3
@@ -414,7 +414,7 @@ def test_upgrade_command_reports_success_and_rollback() -> None:
             break_config(p)
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=p.env)
             assert res.returncode == 2 and "bogus: unknown key" in res.stderr
-            assert p.pid() == new and p.count("event=phase gen=2 pid=%d phase=spawning" % new) == 1
+            assert p.pid() == new and p.count(f"event=phase gen=2 pid={new} phase=spawning") == 1
         finally:
             p.stop()
 

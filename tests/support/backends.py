@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import Callable
@@ -21,7 +22,7 @@ class Backend:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(backlog)
-        self.port = self.sock.getsockname()[1]
+        self.port: int = self.sock.getsockname()[1]
         self.addr = f"127.0.0.1:{self.port}"
         self.accepted = 0
         self.conns: list[socket.socket] = []
@@ -52,17 +53,13 @@ class Backend:
 
     def close(self) -> None:
         self._closed = True
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.sock.close()
         with self.lock:
             for c in self.conns:
-                try:
+                with contextlib.suppress(OSError):
                     c.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
         self._thread.join(timeout=5)
 
     def __enter__(self) -> Backend:

@@ -8,8 +8,8 @@ records its worst gap between replies (the stall an upgrade caused).
 from __future__ import annotations
 
 import random
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
