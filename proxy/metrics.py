@@ -132,6 +132,9 @@ class Metrics(Collector):
                                       "Connections handed to the next generation.", ["mode"])
         self.generation = f("gauge", "proxy_generation", "This generation's number (1 first).")
         self.build_info = f("gauge", "proxy_build_info", "Build of the serving code.", ["version"])
+        self.phase = f("gauge", "proxy_lifecycle_phase",
+                       "1 for this generation's current lifecycle phase, 0 for the others.",
+                       ["phase"])
         self.generation.labels().set(generation)
         self.build_info.labels(version).set(1)
         for result in ("success", "failed"):
@@ -140,6 +143,11 @@ class Metrics(Collector):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ProcessCollector(registry=None))
         self.registry.register(self)
+
+    def set_phase(self, phase: str) -> None:
+        for lv, child in self.phase.children.items():
+            child.set(1.0 if lv == (phase,) else 0.0)
+        self.phase.labels(phase).set(1.0)
 
     def _family(self, kind: str, name: str, doc: str, labels: Sequence[str] = (),
                 buckets: Sequence[float] = ()) -> Family:

@@ -214,6 +214,7 @@ class Upgrader:
 
     def set_phase(self, phase: Phase, **fields: Any) -> None:
         self.phase = phase
+        self.metrics.set_phase(phase.value)
         log.info("phase", phase=phase.value, **fields)
 
     async def serve_channel(self, sock: socket.socket) -> None:
