@@ -78,6 +78,12 @@ class Listener:
     max_connections: int = 10000
     backlog: int = 1024
     splice: bool = True  # tcp mode: zero-copy os.splice through a pipe per direction
+    # http mode
+    header_timeout: float = 10.0  # a request head must arrive within this (408; slowloris)
+    keepalive_timeout: float = 60.0  # an idle keep-alive client connection is closed after this
+    response_timeout: float = 60.0  # request sent -> response head received (504)
+    max_header_size: int = 32768  # bytes of request head (431 above)
+    access_log: bool = True  # one log line per request
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,8 @@ class Upstream:
     sockopts: SocketOptions = SocketOptions()
     max_fails: int = 3  # consecutive failed connects before a server is skipped...
     fail_timeout: float = 10.0  # ...for this long (then it is tried again)
+    pool_max_idle: int = 32  # http mode: idle keep-alive connections kept per server
+    pool_idle_timeout: float = 30.0  # ...each for at most this long
 
 
 @dataclass(frozen=True)
@@ -247,6 +255,11 @@ def _listener(key: str, raw: object) -> Listener:
         max_connections=t.get("max_connections", _count, d.max_connections),
         backlog=t.get("backlog", _count, d.backlog),
         splice=t.get("splice", _bool, d.splice),
+        header_timeout=t.get("header_timeout", _positive_seconds, d.header_timeout),
+        keepalive_timeout=t.get("keepalive_timeout", _positive_seconds, d.keepalive_timeout),
+        response_timeout=t.get("response_timeout", _positive_seconds, d.response_timeout),
+        max_header_size=t.get("max_header_size", _count, d.max_header_size),
+        access_log=t.get("access_log", _bool, d.access_log),
     )
     t.finish()
     return listener
@@ -272,6 +285,8 @@ def _upstream(key: str, name: str, raw: object) -> Upstream:
         sockopts=_sockopts(t),
         max_fails=t.get("max_fails", _count, d.max_fails),
         fail_timeout=t.get("fail_timeout", _seconds, d.fail_timeout),
+        pool_max_idle=t.get("pool_max_idle", _count, d.pool_max_idle),
+        pool_idle_timeout=t.get("pool_idle_timeout", _positive_seconds, d.pool_idle_timeout),
     )
     t.finish()
     return up

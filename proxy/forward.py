@@ -105,6 +105,7 @@ class State(Enum):
     RUNNING = "running"
     PAUSED = "paused"
     CLOSED = "closed"
+    TUNNEL = "tunnel"  # an http client connection that became a tcp relay
 
 
 class PeerGone(Exception):
@@ -219,7 +220,10 @@ class Relay:
         self.client.close()
         self.upstream.close()
 
-    def fds(self) -> tuple[int, int]:
+    def movable(self) -> bool:
+        return self.state is State.RUNNING
+
+    def fds(self) -> tuple[int, ...]:
         """The two fds (client, upstream) for SCM_RIGHTS; the relay keeps owning them."""
         return self.client.fileno(), self.upstream.fileno()
 

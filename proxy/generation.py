@@ -79,6 +79,7 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
                     await upgrader.session_done.wait()
                     server.stop_accepting()  # a rollback may have restarted accepting
                 server.close_listeners()
+                server.close_idle()
                 upgrader.channel_scope.cancel()
                 if upgrader.channel_sock is not None and pidfile.read(cfg.proxy.pidfile) in (
                         None, os.getpid()):

@@ -25,6 +25,7 @@ import trio
 from proxy import log, sockopts, upstream
 from proxy.config import Address, Config, Listener
 from proxy.forward import PairSnapshot, Relay, State
+from proxy.http import Hold, HttpClient, HttpSide, Pool
 from proxy.metrics import Metrics
 
 # Accept errors that mean "out of a resource", not "this client failed": back off and keep
@@ -42,6 +43,7 @@ TAKEOVER_LISTENER = "__takeover__"
 class ListenerRuntime:
     cfg: Listener
     sock: socket.socket
+    http: HttpSide | None = None
     active: int = 0
     capacity: trio.Event = field(default_factory=trio.Event)
 
@@ -53,7 +55,7 @@ class Conn:
     mode: str
     client: str
     lr: ListenerRuntime | None
-    relay: Relay | None = None
+    handler: Relay | HttpClient | None = None  # None while a tcp pair is still connecting
     server: upstream.ServerState | None = None
 
 
@@ -89,6 +91,8 @@ class Server:
         self.conns: dict[int, Conn] = {}
         self.busy = 0  # work in progress that cannot move yet (connecting, a metrics request)
         self.balancers = {n: upstream.Balancer(u) for n, u in cfg.upstreams.items()}
+        self.pools = {n: Pool(u) for n, u in cfg.upstreams.items()}
+        self.hold = Hold()  # set during a handover: idle http clients wait to be moved
         self.handlers: trio.Nursery | None = None
         self.accept_scope = trio.CancelScope()
         self.accepting = False
@@ -111,7 +115,7 @@ class Server:
                 if sock is None:
                     sock, how = bind_tcp(lst.listen, lst.backlog), "bound"
                 sock.setblocking(False)
-                self.listeners[lst.name] = ListenerRuntime(lst, sock)
+                self.listeners[lst.name] = ListenerRuntime(lst, sock, self._http_side(lst))
                 self.metrics.connections_active.labels(lst.name)
                 self.metrics.connections_accepted.labels(lst.name)
                 log.info("listening", listener=lst.name, addr=sock_addr(sock), mode=lst.mode,
@@ -132,6 +136,13 @@ class Server:
             for key, sock in inherited.items():
                 log.info("listener_closed", key=key, reason="not in config")
                 sock.close()
+
+    def _http_side(self, lst: Listener) -> HttpSide | None:
+        if lst.mode != "http":
+            return None
+        bal = self.balancers[lst.upstream]
+        return HttpSide(lst, bal.cfg, bal, self.pools[lst.upstream], self.metrics, self.hold,
+                        self.changed.unpark_all, self._count_connect_failure(bal))
 
     def listener_sockets(self) -> dict[str, socket.socket]:
         """Every listening socket keyed by `listener_key`, for the takeover channel."""
@@ -177,7 +188,7 @@ class Server:
     async def _accept_loop(self, lsock: socket.socket, lr: ListenerRuntime | None) -> None:
         backoff = 0.01
         while True:
-            if lr is not None and lr.active >= lr.cfg.max_connections:
+            if lr is not None and lr.http is None and lr.active >= lr.cfg.max_connections:
                 log.warning("max_connections", listener=lr.cfg.name, active=lr.active)
                 lr.capacity = trio.Event()
                 await lr.capacity.wait()
@@ -213,11 +224,20 @@ class Server:
         except OSError:  # the client already went away
             csock.close()
             return
-        conn = Conn(next(self._ids), lr.cfg.name, lr.cfg.mode, str(Address(*addr[:2])), lr)
-        self._add(conn)
         self.metrics.connections_accepted.labels(lr.cfg.name).inc()
         assert self.handlers is not None
-        self.handlers.start_soon(self._handle_tcp, conn, csock)
+        client = str(Address(*addr[:2]))
+        if lr.http is not None and lr.active >= lr.cfg.max_connections:
+            # http: refuse politely rather than leave the client hanging in the backlog.
+            self.handlers.start_soon(self._busy, _reject_503(csock, lr.cfg.name, self.metrics))
+            return
+        conn = Conn(next(self._ids), lr.cfg.name, lr.cfg.mode, client, lr)
+        self._add(conn)
+        if lr.http is not None:
+            conn.handler = HttpClient(lr.http, csock, client)
+            self.handlers.start_soon(self.run_handler, conn)
+        else:
+            self.handlers.start_soon(self._handle_tcp, conn, csock)
 
     # ---- the connection table ----------------------------------------------------------------
 
@@ -266,11 +286,11 @@ class Server:
             raise
         finally:
             self.busy -= 1
-        conn.relay = self._relay(conn.listener, csock, usock, None, lr.cfg)
+        conn.handler = self._relay(conn.listener, csock, usock, None, lr.cfg)
         log.debug("conn_open", id=conn.id, listener=conn.listener, client=conn.client,
                   server=str(conn.server.addr))
         self.changed.unpark_all()
-        await self.run_relay(conn)
+        await self.run_handler(conn)
 
     def _count_connect_failure(self, bal: upstream.Balancer) -> Callable[[Address], None]:
         fam = self.metrics.upstream_connect_failures
@@ -289,38 +309,64 @@ class Server:
                      count_c2u=b.labels(listener, "client_to_upstream").inc,
                      count_u2c=b.labels(listener, "upstream_to_client").inc)
 
-    async def run_relay(self, conn: Conn) -> None:
-        """Run (or resume) a conn's relay. A paused relay stays in the table for the upgrader."""
-        assert conn.relay is not None
-        if await conn.relay.run() is State.CLOSED:
-            reason = conn.relay.close_reason
-            (log.debug if reason == "eof" else log.info)(
-                "conn_closed", id=conn.id, listener=conn.listener, reason=reason)
-            self.forget(conn)
+    async def run_handler(self, conn: Conn) -> None:
+        """Run (or resume) a conn's handler. A paused one stays in the table for the upgrader;
+        an http connection that became a tunnel carries on as a tcp relay."""
+        while conn.handler is not None:
+            state = await conn.handler.run()
+            if state is State.TUNNEL and isinstance(conn.handler, HttpClient):
+                assert conn.handler.tunnel is not None
+                conn.handler, conn.mode = conn.handler.tunnel, "tunnel"
+                self.changed.unpark_all()
+                continue
+            if state is State.CLOSED:
+                reason = getattr(conn.handler, "close_reason", "eof")
+                (log.debug if reason == "eof" else log.info)(
+                    "conn_closed", id=conn.id, listener=conn.listener, reason=reason)
+                self.forget(conn)
+            return
 
     def resume(self, conn: Conn) -> None:
-        """Restart a paused relay here (the next generation did not take it)."""
+        """Restart a paused handler here (the next generation did not take it)."""
         assert self.handlers is not None
-        self.handlers.start_soon(self.run_relay, conn)
+        self.handlers.start_soon(self.run_handler, conn)
 
-    def adopt(self, listener: str, mode: str, client: str, server: str,
-              cfd: int, ufd: int, state: PairSnapshot) -> Conn:
-        """A pair received from the previous generation: in the table, not running yet."""
+    def adopt(self, listener: str, mode: str, client: str, server: str, fds: list[int],
+              state: PairSnapshot) -> Conn:
+        """A connection received from the previous generation: in the table, not running yet.
+        Takes ownership of `fds` (one for http, client + upstream for tcp and tunnels)."""
         lr = self.listeners.get(listener)
         conn = Conn(next(self._ids), listener, mode, client, lr)
-        bal = self.balancers.get(lr.cfg.upstream) if lr else None
-        for s in bal.servers if bal else ():
-            if str(s.addr) == server:
-                conn.server = s
-                s.active += 1
-        csock, usock = socket.socket(fileno=cfd), socket.socket(fileno=ufd)
-        conn.relay = self._relay(listener, csock, usock, state, lr.cfg if lr else None)
+        socks = [socket.socket(fileno=fd) for fd in fds]
+        if mode == "http" and lr is not None and lr.http is not None:
+            conn.handler = HttpClient(lr.http, socks[0], client, buffered=state.c2u.pending,
+                                      eof=state.c2u.eof)
+        elif mode == "http":  # the listener is gone from the config: finish nothing, close
+            for sk in socks:
+                sk.close()
+            log.warning("adopt_dropped", listener=listener, reason="no http listener by that name")
+            self._add(conn)
+            self.forget(conn)
+            return conn
+        else:
+            bal = self.balancers.get(lr.cfg.upstream) if lr else None
+            for s in bal.servers if bal else ():
+                if str(s.addr) == server:
+                    conn.server = s
+                    s.active += 1
+            conn.handler = self._relay(listener, socks[0], socks[1], state, lr.cfg if lr else None)
         self._add(conn)
         return conn
 
+    def close_idle(self) -> None:
+        """Graceful stop: idle keep-alive http clients close now, busy ones after their
+        response (nginx and HAProxy do the same)."""
+        for c in self.conns.values():
+            if isinstance(c.handler, HttpClient):
+                c.handler.request_close()
+
     def movable(self) -> list[Conn]:
-        return [c for c in self.conns.values()
-                if c.relay is not None and c.relay.state is State.RUNNING]
+        return [c for c in self.conns.values() if c.handler is not None and c.handler.movable()]
 
     def holds_nothing(self) -> bool:
         return not self.conns and self.busy == 0
@@ -349,3 +395,26 @@ class Server:
                 await self.wait_changed()
             return True
         return False
+
+
+async def _reject_503(sock: socket.socket, listener: str, metrics: Metrics) -> None:
+    """Answer 503 to a client above `max_connections` and close (after a short drain, so our
+    reply is not lost to a reset caused by its unread request)."""
+    body = b"503 too many connections\n"
+    msg = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n"
+           b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+    metrics.http_requests.labels(listener, "503").inc()
+    try:
+        sock.send(msg)
+        sock.shutdown(socket.SHUT_WR)
+        with trio.move_on_after(1.0):
+            while True:
+                try:
+                    if not sock.recv(65536):
+                        break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+    except OSError:
+        pass
+    finally:
+        sock.close()

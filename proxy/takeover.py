@@ -30,7 +30,7 @@ Messages, in protocol order (old = serving generation, new = the one taking over
     WELCOME   old -> new  {pid, generation, signalled_at}
     LISTENERS old -> new  {listeners: [{name, addr}]}                fds: one per listener
     READY     new -> old  {}   (new holds every listener; it accepts from RELEASED on)
-    CONNS     old -> new  {conns: [ConnRecord]}                     fds: 2 per conn (client, upstream)
+    CONNS     old -> new  {conns: [ConnRecord]}    fds: per conn, client [+ upstream]
     ACK       new -> old  {ids: [int]}  (new owns these now; old closes its copies)
     RELEASED  old -> new  {metrics}  (old stopped accepting: new is the serving generation
                                       and starts accepting)
@@ -38,7 +38,10 @@ Messages, in protocol order (old = serving generation, new = the one taking over
                                       RELEASED)
     ABORT     either      {reason}
 A ConnRecord: {id, listener, mode, client, server, c2u: Dir, u2c: Dir} with
-Dir = {pending: [offset, length] into body, eof: bool, shut: bool}.
+Dir = {pending: [offset, length] into body, eof: bool, shut: bool}. Its fds follow the previous
+record's: mode "tcp" and "tunnel" (an http Upgrade turned relay) have two, client then
+upstream; mode "http" (an idle keep-alive client) has one, and its c2u.pending holds the bytes
+h11 had read but not processed (pipelined requests), c2u.eof whether the client sent EOF.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ HEADER = struct.Struct("!4sHHHII")
 MAX_FDS = 253
 MAX_HEAD = 1 << 20
 MAX_BODY = 64 << 20
-MAX_CONNS_PER_FRAME = MAX_FDS // 2
+FDS_PER_MODE = {"tcp": 2, "tunnel": 2, "http": 1}  # client [, upstream]
 
 
 class ProtocolError(Exception):
@@ -192,13 +195,17 @@ def conns_message(records: list[ConnRecord], fds: list[int]) -> Message:
     return Message(MsgType.CONNS, {"conns": out}, bytes(body), fds)
 
 
-def parse_conns(msg: Message) -> list[tuple[ConnRecord, int, int]]:
-    """The records of a CONNS message with their (client_fd, upstream_fd). Strict."""
+def parse_conns(msg: Message) -> list[tuple[ConnRecord, list[int]]]:
+    """The records of a CONNS message, each with its fds. Strict."""
     conns = field_of(msg, "conns", list)
-    if len(conns) * 2 != len(msg.fds):
-        raise ProtocolError("CONNS: need exactly two fds per connection")
+    modes = [c.get("mode") if isinstance(c, dict) else None for c in conns]
+    if not all(m in FDS_PER_MODE for m in modes):
+        raise ProtocolError("CONNS: unknown connection mode")
+    if sum(FDS_PER_MODE[str(m)] for m in modes) != len(msg.fds):
+        raise ProtocolError("CONNS: wrong number of fds for these connections")
     out = []
-    for i, c in enumerate(conns):
+    cursor = 0
+    for c in conns:
         if not isinstance(c, dict):
             raise ProtocolError("CONNS: a record is not an object")
         sub = Message(msg.type, c)
@@ -216,5 +223,7 @@ def parse_conns(msg: Message) -> list[tuple[ConnRecord, int, int]]:
         rec = ConnRecord(id=field_of(sub, "id", int), listener=field_of(sub, "listener", str),
                          mode=field_of(sub, "mode", str), client=field_of(sub, "client", str),
                          server=field_of(sub, "server", str), state=PairSnapshot(*dirs))
-        out.append((rec, msg.fds[2 * i], msg.fds[2 * i + 1]))
+        n = FDS_PER_MODE[rec.mode]
+        out.append((rec, msg.fds[cursor:cursor + n]))
+        cursor += n
     return out

@@ -51,7 +51,7 @@ from proxy.config import Config
 from proxy.metrics import Metrics
 from proxy.server import TAKEOVER_LISTENER, Conn, Server, listener_key
 from proxy.takeover import (
-    MAX_CONNS_PER_FRAME,
+    MAX_FDS,
     Codec,
     ConnRecord,
     Message,
@@ -397,6 +397,7 @@ class Upgrader:
         self.set_phase(Phase.WAIT_READY)
         await ch.recv(MsgType.READY)
         self.set_phase(Phase.HANDOVER, connections=len(srv.conns))
+        srv.hold.hold()  # idle http clients stop taking requests: they move next
         await fault_point("old", "after_ready")
         t0 = trio.current_time()
         # The bulk of the pairs moves while we still accept; then we stop, sweep up what came
@@ -434,20 +435,20 @@ class Upgrader:
     async def _send_movable(self, ch: Channel, sent: dict[int, Conn]) -> int:
         """Pause, send and (on ACK) release every movable pair, a batch at a time."""
         total = 0
-        while batch := self.server.movable()[:MAX_CONNS_PER_FRAME]:
+        while batch := _batch(self.server.movable()):
             for c in batch:
-                assert c.relay is not None
-                c.relay.request_pause()
+                assert c.handler is not None
+                c.handler.request_pause()
             records: list[ConnRecord] = []
             fds: list[int] = []
             for c in batch:
-                assert c.relay is not None
-                snap = await c.relay.pause()
+                assert c.handler is not None
+                snap = await c.handler.pause()
                 if snap is None:  # finished on its own meanwhile
                     continue
                 server = str(c.server.addr) if c.server is not None else ""
                 records.append(ConnRecord(c.id, c.listener, c.mode, c.client, server, snap))
-                fds.extend(c.relay.fds())
+                fds.extend(c.handler.fds())
                 sent[c.id] = c
             if not records:
                 continue
@@ -459,8 +460,8 @@ class Upgrader:
                 raise ProtocolError("ACK does not match the batch sent")
             for cid in ids:
                 c = sent.pop(cid)
-                assert c.relay is not None
-                c.relay.close()
+                assert c.handler is not None
+                c.handler.close()
                 self.server.forget(c)
                 self.metrics.handover_connections.labels(c.mode).inc()
             total += len(ids)
@@ -490,9 +491,10 @@ class Upgrader:
                 ack = await ch.recv(MsgType.ACK)
                 for cid in field_of(ack, "ids", list):
                     c = sent.pop(cid, None)
-                    if c is not None and c.relay is not None:
-                        c.relay.close()
+                    if c is not None and c.handler is not None:
+                        c.handler.close()
                         self.server.forget(c)
+        self.server.hold.release()
         for c in sent.values():
             self.server.resume(c)
         if sent:
@@ -512,6 +514,20 @@ class Upgrader:
     async def _drain_then_exit(self) -> None:
         await self.server.drain(self.cfg.proxy.drain_timeout)
         self.exit_now.set()
+
+
+def _batch(conns: list[Conn]) -> list[Conn]:
+    """As many conns as fit one CONNS frame's fds."""
+    out: list[Conn] = []
+    nfds = 0
+    for c in conns:
+        assert c.handler is not None
+        k = len(c.handler.fds())
+        if nfds + k > MAX_FDS:
+            break
+        out.append(c)
+        nfds += k
+    return out
 
 
 def _alive(pid: int) -> bool:
@@ -607,9 +623,9 @@ async def take_over(cfg: Config, server: Server, metrics: Metrics,
             if msg.type is MsgType.CONNS:
                 batch = parse_conns(msg)
                 await fault_point("new", "after_conns")
-                conns = [server.adopt(r.listener, r.mode, r.client, r.server, cfd, ufd, r.state)
-                         for r, cfd, ufd in batch]
-                await ch.send(Message(MsgType.ACK, {"ids": [r.id for r, _, _ in batch]}))
+                conns = [server.adopt(r.listener, r.mode, r.client, r.server, fds, r.state)
+                         for r, fds in batch]
+                await ch.send(Message(MsgType.ACK, {"ids": [r.id for r, _ in batch]}))
                 for c in conns:
                     server.resume(c)
                 adopted += len(conns)

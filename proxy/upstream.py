@@ -112,11 +112,12 @@ async def connect(
     balancer: Balancer,
     on_failure: Callable[[Address], None],
     clock: Callable[[], float] = trio.current_time,
+    order: list[ServerState] | None = None,
 ) -> tuple[socket.socket, ServerState]:
-    """Connect to the first server that answers; the caller owns the socket and must call
-    `released()` on the returned ServerState's balancer accounting when the pair ends."""
+    """Connect to the first server that answers, in `order` (default: the balancer's next).
+    The caller owns the socket; the returned server's `active` was incremented for it."""
     cfg = balancer.cfg
-    for s in balancer.order(clock()):
+    for s in order if order is not None else balancer.order(clock()):
         try:
             sock = await connect_one(s.addr, cfg)
         except (OSError, trio.TooSlowError) as exc:

@@ -38,7 +38,7 @@ def tcp_pair(bufsize: int = 0) -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
-def wire_roundtrip(snap: PairSnapshot, fds: tuple[int, int]) -> tuple[PairSnapshot, int, int]:
+def wire_roundtrip(snap: PairSnapshot, fds: tuple[int, ...]) -> tuple[PairSnapshot, int, int]:
     """Encode as a CONNS frame and decode it again, fds dup'ed as SCM_RIGHTS would."""
     rec = ConnRecord(7, "web", "tcp", "127.0.0.1:1", "127.0.0.1:2", snap)
     dup = [os.dup(fds[0]), os.dup(fds[1])]
@@ -48,7 +48,7 @@ def wire_roundtrip(snap: PairSnapshot, fds: tuple[int, int]) -> tuple[PairSnapsh
     codec.receive_fds(dup)
     out = codec.next_message()
     assert out is not None
-    [(rec2, cfd, ufd)] = parse_conns(out)
+    [(rec2, (cfd, ufd))] = parse_conns(out)
     assert rec2.id == 7 and rec2.listener == "web"
     return rec2.state, cfd, ufd
 

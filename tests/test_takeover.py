@@ -99,7 +99,7 @@ def test_conns_roundtrip_with_pending_bytes_and_half_close() -> None:
     out = c.next_message()
     assert out is not None
     got = parse_conns(out)
-    assert [(r, a, b) for r, a, b in got] == [(recs[0], 3, 4), (recs[1], 5, 6)]
+    assert got == [(recs[0], [3, 4]), (recs[1], [5, 6])]
 
 
 @pytest.mark.parametrize("mutate", [
@@ -121,10 +121,18 @@ def test_conns_strict_decoding(mutate: object) -> None:
         parse_conns(bad)
 
 
-def test_conns_needs_two_fds_each() -> None:
-    msg = conns_message([ConnRecord(1, "web", "tcp", "a", "b", PairSnapshot())], [3])
-    with pytest.raises(ProtocolError, match="two fds"):
-        parse_conns(msg)
+def test_conns_fds_per_mode() -> None:
+    recs = [ConnRecord(1, "web", "tcp", "a", "b", PairSnapshot()),
+            ConnRecord(2, "api", "http", "c", "", PairSnapshot(DirectionSnapshot(b"GET / HT"))),
+            ConnRecord(3, "api", "tunnel", "d", "e", PairSnapshot())]
+    assert [(r.id, fds) for r, fds in parse_conns(conns_message(recs, [3, 4, 5, 6, 7]))] == [
+        (1, [3, 4]), (2, [5]), (3, [6, 7])]
+    for fds in ([3, 4, 5, 6], [3, 4, 5, 6, 7, 8]):
+        with pytest.raises(ProtocolError, match="wrong number of fds"):
+            parse_conns(conns_message(recs, fds))
+    bad = conns_message([ConnRecord(1, "web", "udp", "a", "b", PairSnapshot())], [3])
+    with pytest.raises(ProtocolError, match="unknown connection mode"):
+        parse_conns(bad)
 
 
 def test_header_layout_is_documented_size() -> None:

@@ -4,6 +4,7 @@ endpoint keeps answering while generations change."""
 from __future__ import annotations
 
 import http.client
+import itertools
 
 import trio
 from prometheus_client.parser import text_string_to_metric_families
@@ -94,7 +95,7 @@ async def test_counters_never_go_down_and_endpoint_answers_through_upgrades() ->
             nursery.cancel_scope.cancel()
     assert not scrape_errors, scrape_errors[:5]
     assert len(scrapes) > 20
-    for before, after in zip(scrapes, scrapes[1:], strict=False):
+    for before, after in itertools.pairwise(scrapes):
         for key, value in before.items():
             assert after.get(key, 0.0) >= value, (key, value, after.get(key))
     assert gens == [2.0, 3.0, 4.0, 5.0, 6.0]

@@ -1,0 +1,527 @@
+"""The h11 adapter: one client connection in http mode, its upstream exchanges, the pool.
+
+`HttpClient` serves one client connection: keep-alive and pipelining (h11 SERVER side), each
+request forwarded to an upstream connection (h11 CLIENT side) taken from a per-server `Pool` or
+connected with failover; bodies are streamed both ways a read at a time (memory stays bounded
+whatever the body size) and re-framed by h11, never passed through raw. An `Upgrade` answered
+with 101 turns the pair into a tcp `Relay` (forward.py), carrying h11's unprocessed bytes of
+both sides over as pending data.
+
+Errors get a short body and a closed connection: 400 malformed (h11's hint), 431 head too big,
+408 head too slow (`header_timeout`), 502 no server reachable or a broken upstream, 504 no
+response head within `response_timeout`, 503 (in server.py) above `max_connections`. A request
+with ambiguous framing is refused before anything reaches a backend (headers.framing_problem).
+A request whose pooled connection turns out dead before any response byte is retried once on a
+fresh connection when it is idempotent and has no body; connect failures fail over (nothing sent).
+
+Handover: like a `Relay`, an `HttpClient` has `request_pause()` / `pause()` / `fds()` / `close()`,
+but it pauses only at an idle point between requests: a request in progress completes first.
+Its snapshot is the bytes h11 read but did not process yet (pipelined requests, a partial head)
+and whether the client sent EOF, in `c2u`. Idle pooled upstream connections are not handed
+over: they carry no client state, the next generation may point elsewhere, and closing an
+idle keep-alive connection loses nothing. They close when the old generation exits.
+
+Fd ownership: the HttpClient owns the client socket (closed on finish, kept when paused, given to
+the Relay on a tunnel); an upstream connection belongs to the exchange using it, then to the pool.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import h11
+import trio
+
+from proxy import headers as hdr
+from proxy import log
+from proxy.config import Address, Listener, Upstream
+from proxy.forward import DirectionSnapshot, PairSnapshot, Relay, State
+from proxy.metrics import Metrics
+from proxy.upstream import Balancer, NoUpstream, ServerState, connect
+
+RECV_SIZE = 65536
+
+
+class Hold:
+    """Set by the upgrader during a handover: idle clients stop reading and wait to be moved."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.released = trio.Event()
+
+    def hold(self) -> None:
+        if not self.active:
+            self.active = True
+            self.released = trio.Event()
+
+    def release(self) -> None:
+        self.active = False
+        self.released.set()
+
+
+@dataclass(eq=False)
+class UpConn:
+    sock: socket.socket
+    conn: h11.Connection
+    server: ServerState
+    since: float = 0.0
+    reused: bool = False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Pool:
+    """Idle keep-alive upstream connections, per server, most recent first."""
+
+    def __init__(self, cfg: Upstream) -> None:
+        self.cfg = cfg
+        self.idle: dict[Address, collections.deque[UpConn]] = collections.defaultdict(
+            collections.deque)
+
+    def take(self, addr: Address, now: float) -> UpConn | None:
+        q = self.idle.get(addr)
+        while q:
+            up = q.pop()
+            if now - up.since > self.cfg.pool_idle_timeout or not _still_idle(up.sock):
+                up.close()
+                continue
+            up.reused = True
+            return up
+        return None
+
+    def give(self, up: UpConn, now: float) -> None:
+        q = self.idle[up.server.addr]
+        while q and now - q[0].since > self.cfg.pool_idle_timeout:
+            q.popleft().close()
+        if len(q) >= self.cfg.pool_max_idle:
+            up.close()
+            return
+        up.since = now
+        q.append(up)
+
+    def close_all(self) -> None:
+        for q in self.idle.values():
+            while q:
+                q.pop().close()
+
+
+def _still_idle(sock: socket.socket) -> bool:
+    """An idle upstream connection must have nothing to read: EOF or stray bytes mean dead."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False  # EOF, or bytes nobody asked for
+
+
+@dataclass
+class HttpSide:
+    """What an HttpClient needs from its generation (built once per listener by server.py)."""
+
+    listener: Listener
+    upstream: Upstream
+    balancer: Balancer
+    pool: Pool
+    metrics: Metrics
+    hold: Hold
+    changed: Callable[[], object]
+    on_connect_failure: Callable[[Address], None]
+    count_c2u: Callable[[int], None] = field(init=False)
+    count_u2c: Callable[[int], None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        b = self.metrics.bytes
+        self.count_c2u = b.labels(self.listener.name, "client_to_upstream").inc
+        self.count_u2c = b.labels(self.listener.name, "upstream_to_client").inc
+
+
+class Retry(Exception):
+    """A reused upstream connection died before any response byte: try a fresh one."""
+
+
+class UpstreamBroken(Exception):
+    """The upstream failed mid-exchange (after the response head went to the client)."""
+
+
+async def _recv(sock: socket.socket) -> bytes:
+    while True:
+        try:
+            return sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+
+
+async def _send(sock: socket.socket, data: bytes, count: Callable[[int], None]) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = sock.send(view)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        view = view[n:]
+        count(n)
+
+
+def _head_size(req: h11.Request) -> int:
+    """The request head's size on the wire, near enough (line ends and separators counted)."""
+    return (len(req.method) + len(req.target) + 12
+            + sum(len(k) + len(v) + 4 for k, v in req.headers.raw_items()))
+
+
+class HttpClient:
+    """One http-mode client connection. See the module docstring for the handover contract."""
+
+    def __init__(self, side: HttpSide, sock: socket.socket, client: str, *,
+                 buffered: bytes = b"", eof: bool = False) -> None:
+        sock.setblocking(False)
+        self.side = side
+        self.sock = sock
+        self.client = client
+        self.client_ip = client.rsplit(":", 1)[0].strip("[]")
+        self.conn = h11.Connection(h11.SERVER,
+                                   max_incomplete_event_size=side.listener.max_header_size)
+        if buffered:
+            self.conn.receive_data(buffered)
+        if eof:
+            self.conn.receive_data(b"")
+        self.state = State.NEW
+        self.idle = False
+        self.requests = 0
+        self.tunnel: Relay | None = None
+        self._pausing = False
+        self._closing = False
+        self._idle_scope = trio.CancelScope()  # cancels only the wait for a request head
+        self._stopped = trio.Event()
+
+    # ---- the handover interface (as Relay's) -------------------------------------------------
+
+    def movable(self) -> bool:
+        return self.state is State.RUNNING and self.idle
+
+    def request_pause(self) -> None:
+        self._pausing = True
+        if self.state is State.RUNNING and self.idle:
+            self._idle_scope.cancel()
+
+    def request_close(self) -> None:
+        """Graceful stop: close at the next idle point (now, if idle)."""
+        self._closing = True
+        if self.state is State.RUNNING and self.idle:
+            self._idle_scope.cancel()
+
+    async def pause(self) -> PairSnapshot | None:
+        """Stop at the next idle point and return the unprocessed client bytes; None if the
+        connection ended (or became a tunnel) meanwhile."""
+        if self.state is State.RUNNING:
+            self.request_pause()
+            await self._stopped.wait()
+        if self.state is not State.PAUSED:
+            return None
+        data, closed = self.conn.trailing_data
+        return PairSnapshot(c2u=DirectionSnapshot(pending=bytes(data), eof=closed))
+
+    def fds(self) -> tuple[int, ...]:
+        return (self.sock.fileno(),)
+
+    def close(self) -> None:
+        self.state = State.CLOSED
+        self.sock.close()
+
+    # ---- serving ------------------------------------------------------------------------------
+
+    async def run(self) -> State:
+        """Serve requests until the connection closes (CLOSED), pauses at an idle point
+        (PAUSED) or becomes a tunnel (TUNNEL: `self.tunnel` holds the Relay)."""
+        if self.state in (State.RUNNING, State.CLOSED):
+            raise RuntimeError(f"run() on a {self.state.value} http client")
+        self.state = State.RUNNING
+        self._stopped = trio.Event()
+        self._pausing = False
+        result = State.CLOSED
+        try:
+            result = await self._serve()
+        except (OSError, h11.ProtocolError, UpstreamBroken) as exc:
+            log.debug("http_conn_error", client=self.client, error=repr(exc))
+        finally:
+            self.idle = False
+            if result is State.CLOSED:
+                self.close()
+            self.state = result
+            self._stopped.set()
+        return result
+
+    async def _serve(self) -> State:
+        while True:
+            req = await self._next_request()
+            if isinstance(req, State):
+                return req
+            self.requests += 1
+            tunnel = await self._exchange(req)
+            if tunnel is not None:
+                self.tunnel = tunnel
+                return State.TUNNEL
+            if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+                self.conn.start_next_cycle()
+            else:
+                return State.CLOSED
+
+    async def _next_request(self) -> h11.Request | State:
+        """Wait (movable) for the next request head. CLOSED on EOF, timeout or a bad head."""
+        lst = self.side.listener
+        now = trio.current_time()
+        idle_deadline = now + (lst.keepalive_timeout if self.requests else lst.header_timeout)
+        head_deadline: float | None = None
+        while True:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                await self._error(exc.error_status_hint, str(exc))
+                return State.CLOSED
+            if isinstance(event, h11.Request):
+                # h11's limit only catches a head still incomplete past it; one that arrived
+                # whole in a single read is measured here.
+                if _head_size(event) > lst.max_header_size:
+                    await self._error(431, "request head larger than max_header_size")
+                    return State.CLOSED
+                return event
+            if event is not h11.NEED_DATA:  # ConnectionClosed (or PAUSED after a bad cycle)
+                return State.CLOSED
+            if self._pausing:
+                return State.PAUSED
+            if self._closing:
+                return State.CLOSED
+            partial = bool(self.conn.trailing_data[0])
+            if partial and head_deadline is None:
+                head_deadline = trio.current_time() + lst.header_timeout
+            deadline = head_deadline if head_deadline is not None else idle_deadline
+            # Idle: the only place a pause may interrupt. Its own scope, so a pause that comes
+            # in after the socket turned readable cannot hit the request that follows.
+            self.idle = True
+            self._idle_scope = trio.CancelScope()
+            self.side.changed()
+            held = self.side.hold.active
+            with self._idle_scope, trio.move_on_at(float("inf") if held else deadline) as timer:
+                if held:  # a handover is under way: do not start a request, wait to be moved
+                    await self.side.hold.released.wait()
+                else:
+                    await trio.lowlevel.wait_readable(self.sock)
+            self.idle = False
+            if self._pausing:
+                return State.PAUSED
+            if self._closing:
+                return State.CLOSED
+            if held:
+                continue
+            if timer.cancelled_caught:
+                if partial:
+                    await self._error(408, "request head not received within header_timeout")
+                return State.CLOSED
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                continue
+            self.conn.receive_data(data)
+
+    async def _to_client(self, *events: h11.Event) -> None:
+        data = b"".join(self.conn.send(e) or b"" for e in events)
+        await _send(self.sock, data, self.side.count_u2c)
+
+    async def _error(self, status: int, detail: str) -> None:
+        """Answer with a short error and make the connection close (if a response can still be
+        sent: nothing of one went out yet)."""
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = f"{status} {detail}\n".encode()
+        with contextlib.suppress(OSError, h11.LocalProtocolError):
+            await self._to_client(
+                h11.Response(status_code=status, headers=[
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()), (b"connection", b"close")]),
+                h11.Data(data=body), h11.EndOfMessage())
+        self._record(status, "-", "-", "", 0, trio.current_time())
+        log.info("http_error", listener=self.side.listener.name, client=self.client,
+                 status=status, detail=detail[:200])
+
+    def _record(self, status: int, method: str, target: str, server: str, nbytes: int,
+                t0: float) -> None:
+        name = self.side.listener.name
+        took = trio.current_time() - t0
+        self.side.metrics.http_requests.labels(name, str(status)).inc()
+        self.side.metrics.http_request_duration.labels(name).observe(took)
+        if self.side.listener.access_log and method != "-":
+            log.info("access", listener=name, client=self.client, method=method, path=target,
+                     status=status, bytes=nbytes, ms=round(took * 1000, 1), upstream=server)
+
+    # ---- one exchange -------------------------------------------------------------------------
+
+    async def _exchange(self, req: h11.Request) -> Relay | None:
+        """Forward one request and its response. Returns a Relay when the pair became a
+        tunnel; otherwise the client connection is left DONE/DONE (keep-alive) or not."""
+        t0 = trio.current_time()
+        method, target = req.method.decode("latin-1"), req.target.decode("latin-1")
+        problem = hdr.framing_problem(req.headers)
+        if problem:
+            await self._error(400, problem)
+            return None
+        if self.conn.they_are_waiting_for_100_continue:
+            # We answer Expect ourselves (as nginx does) so the body flows at once.
+            await self._to_client(h11.InformationalResponse(status_code=100, headers=[]))
+        up_headers = hdr.upstream_request(req.headers, self.client_ip)
+        has_body = any(k in (b"content-length", b"transfer-encoding") for k, _ in req.headers) \
+            and hdr.get(req.headers, b"content-length") != b"0"
+        retryable = hdr.idempotent(req.method) and not has_body
+        fresh = False
+        for _ in range(2):
+            try:
+                up = await self._upstream(fresh)
+            except NoUpstream as exc:
+                await self._error(502, str(exc))
+                return None
+            try:
+                return await self._forward(req, up_headers, up, method, target, t0)
+            except Retry:
+                up.close()
+                if not retryable:
+                    await self._error(502, "upstream closed the connection")
+                    return None
+                fresh = True
+        await self._error(502, "upstream closed the connection")
+        return None
+
+    async def _upstream(self, fresh: bool) -> UpConn:
+        side = self.side
+        now = trio.current_time()
+        order = side.balancer.order(now)
+        if not fresh and order[0].down_until <= now:  # the balancer's choice, pooled?
+            up = side.pool.take(order[0].addr, now)
+            if up is not None:
+                return up
+        sock, server = await connect(side.balancer, side.on_connect_failure, order=order)
+        server.active -= 1  # http counts in-flight requests instead (see _forward)
+        return UpConn(sock, h11.Connection(h11.CLIENT), server)
+
+    async def _forward(self, req: h11.Request, up_headers: hdr.Headers, up: UpConn, method: str,
+                       target: str, t0: float) -> Relay | None:
+        side = self.side
+        upc = up.conn
+        up.server.active += 1
+        sent_head = False
+        status = 0
+        nbytes = 0
+        try:
+            try:
+                data = upc.send(h11.Request(method=req.method, target=req.target,
+                                            headers=up_headers, http_version="1.1"))
+                await _send(up.sock, data or b"", side.count_c2u)
+            except OSError as exc:
+                if up.reused:
+                    raise Retry() from exc
+                raise
+            # The request body, streamed: one client read at a time.
+            while True:
+                try:
+                    event = self.conn.next_event()
+                except h11.RemoteProtocolError as exc:
+                    up.close()
+                    await self._error(exc.error_status_hint, str(exc))
+                    return None
+                if event is h11.NEED_DATA:
+                    with trio.fail_after(side.listener.idle_timeout or float("inf")):
+                        self.conn.receive_data(await _recv(self.sock))
+                    continue
+                if isinstance(event, h11.Data):
+                    await _send(up.sock, upc.send(event) or b"", side.count_c2u)
+                elif isinstance(event, h11.EndOfMessage):
+                    await _send(up.sock, upc.send(h11.EndOfMessage()) or b"", side.count_c2u)
+                    break
+                else:
+                    return None  # ConnectionClosed mid-body: nothing more to do
+            # The response: head within response_timeout, then the body streamed back.
+            deadline = trio.current_time() + side.listener.response_timeout
+            got_any = False
+            while True:
+                try:
+                    event = upc.next_event()
+                except h11.RemoteProtocolError as exc:
+                    if not sent_head and up.reused and not got_any:
+                        raise Retry() from exc
+                    raise UpstreamBroken(str(exc)) from exc
+                if event is h11.NEED_DATA:
+                    if sent_head:
+                        with trio.fail_after(side.listener.idle_timeout or float("inf")):
+                            chunk = await _recv(up.sock)
+                    else:
+                        with trio.move_on_at(deadline) as timer:
+                            chunk = await _recv(up.sock)
+                        if timer.cancelled_caught:
+                            up.close()
+                            await self._error(504, "no response within response_timeout")
+                            status = 504
+                            return None
+                    got_any = got_any or bool(chunk)
+                    upc.receive_data(chunk)
+                    continue
+                if isinstance(event, h11.InformationalResponse):
+                    if event.status_code == 101 and hdr.wants_upgrade(req.headers):
+                        status = 101
+                        return await self._switch(event, up)
+                    await self._to_client(h11.InformationalResponse(
+                        status_code=event.status_code, headers=hdr.client_response(event.headers)))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                    await self._to_client(h11.Response(
+                        status_code=event.status_code, reason=event.reason,
+                        headers=hdr.client_response(event.headers)))
+                    sent_head = True
+                elif isinstance(event, h11.Data):
+                    nbytes += len(event.data)
+                    await self._to_client(event)
+                elif isinstance(event, h11.EndOfMessage):
+                    await self._to_client(h11.EndOfMessage())
+                    break
+                else:  # ConnectionClosed before the end
+                    raise UpstreamBroken("upstream closed mid-response")
+            return None
+        except (OSError, UpstreamBroken, trio.TooSlowError, h11.LocalProtocolError) as exc:
+            up.close()
+            if not sent_head and status == 0:
+                await self._error(502, f"upstream failed: {exc}")
+                status = 502
+                return None
+            # The head went out already: all we can do is cut the client connection.
+            log.info("http_upstream_broken", client=self.client, error=str(exc)[:200])
+            raise UpstreamBroken(str(exc)) from exc
+        finally:
+            up.server.active -= 1
+            if status and status not in (101, 502, 504):
+                self._record(status, method, target, str(up.server.addr), nbytes, t0)
+            if status == 101:
+                self._record(101, method, target, str(up.server.addr), 0, t0)
+            elif (upc.our_state is h11.DONE and upc.their_state is h11.DONE
+                  and up.sock.fileno() >= 0):
+                upc.start_next_cycle()
+                side.pool.give(up, trio.current_time())
+            elif up.sock.fileno() >= 0:
+                up.close()
+
+    async def _switch(self, event: h11.InformationalResponse, up: UpConn) -> Relay:
+        """101: answer the client, then relay both sockets as a tcp pair, h11's unprocessed
+        bytes on each side carried over as pending data."""
+        await self._to_client(h11.InformationalResponse(
+            status_code=101, reason=event.reason,
+            headers=hdr.client_response(event.headers, tunnel=True)))
+        client_extra, client_eof = self.conn.trailing_data
+        up_extra, up_eof = up.conn.trailing_data
+        side = self.side
+        return Relay(self.sock, up.sock, splice=False, idle_timeout=side.listener.idle_timeout,
+                     count_c2u=side.count_c2u, count_u2c=side.count_u2c,
+                     state=PairSnapshot(c2u=DirectionSnapshot(bytes(client_extra), client_eof),
+                                        u2c=DirectionSnapshot(bytes(up_extra), up_eof)))
