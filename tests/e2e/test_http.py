@@ -242,9 +242,8 @@ def test_blackholed_server_fails_over_within_connect_timeout() -> None:
     hole = Blackhole()
     try:
         with HttpBackend() as be, http_proxy([hole.addr, be.addr],
-                                             upstream={"connect_timeout": 0.3}) as p:
-            with Conn(p.port) as c:
-                assert c.get("/echo")[0] == 200
+                                             upstream={"connect_timeout": 0.3}) as p, Conn(p.port) as c:
+            assert c.get("/echo")[0] == 200
     finally:
         hole.close()
 
