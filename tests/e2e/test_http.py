@@ -8,6 +8,9 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -27,9 +30,12 @@ def curl(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=30)
 
 
-def http_proxy(servers: list[str], **kwargs: object) -> running:  # type: ignore[valid-type]
-    listener = {"header_timeout": 5.0, **kwargs.pop("listener", {})}  # type: ignore[dict-item]
-    return running(servers, mode="http", listener=listener, **kwargs)  # type: ignore[arg-type]
+@contextmanager
+def http_proxy(servers: list[str], *, listener: dict[str, Any] | None = None,
+               upstream: dict[str, Any] | None = None) -> Iterator[Proxy]:
+    with running(servers, mode="http", listener={"header_timeout": 5.0, **(listener or {})},
+                 upstream=upstream) as p:
+        yield p
 
 
 @needs_curl

@@ -108,9 +108,10 @@ def test_ten_upgrades_lose_no_request_on_keepalive_connections() -> None:
             moved_http = metric(p, "proxy_handover_connections_total", mode="http")
             moved_tunnel = metric(p, "proxy_handover_connections_total", mode="tunnel")
         finally:
-            for t in [*clients, tunnel]:
+            threads: list[KeepAliveClient | TunnelClient] = [*clients, tunnel]
+            for t in threads:
                 t.stop.set()
-            for t in [*clients, tunnel]:
+            for t in threads:
                 if t.is_alive():
                     t.join(timeout=10)
             p.stop()
