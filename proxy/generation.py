@@ -41,7 +41,7 @@ def _title(text: str) -> None:
 async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
     metrics = Metrics(generation=1, version=__version__)
     server = Server(cfg, metrics)
-    server.metrics_handler = partial(metrics_http.serve_conn, metrics)
+    server.metrics_handler = partial(metrics_http.serve_conn, metrics, server.working)
     exit_now = trio.Event()
     code = EXIT_OK
     stop_requested = False

@@ -2,11 +2,17 @@
 
 Requests are bounded in size (`MAX_REQUEST`) and time (`REQUEST_TIMEOUT`); anything but
 /metrics is 404, other methods 405. The connection's socket is owned (and closed) here.
+
+Only a request being answered counts as work the generation holds (`busy`); a scraper's idle
+keep-alive connection does not keep an old generation alive: it is closed when that generation
+exits, and the scraper reconnects to the listening socket, which the next generation holds.
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import h11
 import trio
@@ -18,13 +24,16 @@ REQUEST_TIMEOUT = 10.0
 MAX_REQUESTS_PER_CONN = 100
 
 
-async def serve_conn(metrics: Metrics, sock: socket.socket) -> None:
+Busy = Callable[[], AbstractContextManager[None]]
+
+
+async def serve_conn(metrics: Metrics, busy: Busy, sock: socket.socket) -> None:
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
     try:
         with trio.move_on_after(REQUEST_TIMEOUT * MAX_REQUESTS_PER_CONN):
             for _ in range(MAX_REQUESTS_PER_CONN):
-                if not await _one(metrics, stream, conn):
+                if not await _one(metrics, busy, stream, conn):
                     break
     except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, OSError):
         pass
@@ -32,7 +41,8 @@ async def serve_conn(metrics: Metrics, sock: socket.socket) -> None:
         await stream.aclose()
 
 
-async def _one(metrics: Metrics, stream: trio.SocketStream, conn: h11.Connection) -> bool:
+async def _one(metrics: Metrics, busy: Busy, stream: trio.SocketStream,
+               conn: h11.Connection) -> bool:
     """Serve one request; False when the connection is to be closed."""
     with trio.move_on_after(REQUEST_TIMEOUT):
         while True:
@@ -52,13 +62,14 @@ async def _one(metrics: Metrics, stream: trio.SocketStream, conn: h11.Connection
     if not isinstance(event, h11.Request):
         return False
     path = event.target.split(b"?", 1)[0]
-    if event.method not in (b"GET", b"HEAD"):
-        await _send(stream, conn, 405, b"method not allowed\n")
-    elif path != b"/metrics":
-        await _send(stream, conn, 404, b"not found: try /metrics\n")
-    else:
-        body = metrics.render()
-        await _send(stream, conn, 200, body, CONTENT_TYPE, head=event.method == b"HEAD")
+    with busy():
+        if event.method not in (b"GET", b"HEAD"):
+            await _send(stream, conn, 405, b"method not allowed\n")
+        elif path != b"/metrics":
+            await _send(stream, conn, 404, b"not found: try /metrics\n")
+        else:
+            body = metrics.render()
+            await _send(stream, conn, 200, body, CONTENT_TYPE, head=event.method == b"HEAD")
     if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
         return False
     # Drain the rest of the request (a body on a GET is legal), then start over.

@@ -14,10 +14,11 @@ resumes it here with `resume()`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import trio
@@ -213,7 +214,7 @@ class Server:
                 if self.metrics_handler is None:
                     csock.close()
                 else:
-                    self.handlers.start_soon(self._busy, self.metrics_handler(csock))
+                    self.handlers.start_soon(self.metrics_handler, csock)
             else:
                 self._accepted(lr, csock, addr)
             await trio.lowlevel.checkpoint()
@@ -261,9 +262,16 @@ class Server:
         self.changed.unpark_all()
 
     async def _busy(self, work: Awaitable[None]) -> None:
+        with self.working():
+            await work
+
+    @contextlib.contextmanager
+    def working(self) -> Iterator[None]:
+        """Count work in progress that cannot move to the next generation (this generation
+        waits for it before exiting)."""
         self.busy += 1
         try:
-            await work
+            yield
         finally:
             self.busy -= 1
             self.changed.unpark_all()

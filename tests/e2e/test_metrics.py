@@ -106,3 +106,28 @@ async def test_counters_never_go_down_and_endpoint_answers_through_upgrades() ->
     assert final[("proxy_connections_accepted_total", (("listener", "web"),))] >= shorts.ok
     assert final[("proxy_lifecycle_phase", (("phase", "serving"),))] == 1
     assert not shorts.failures
+
+
+def test_idle_scraper_connection_does_not_hold_the_old_generation() -> None:
+    """Prometheus keeps its connection alive between scrapes; an old generation must not wait
+    for it (only for a scrape being answered). The bound below is under the endpoint's 10 s
+    per-request timeout, which is what held the old generation before."""
+    from tests.support.backends import Backend, echo
+    from tests.support.proc import alive, running
+
+    with Backend(echo) as be, running([be.addr]) as p:
+        conn = http.client.HTTPConnection("127.0.0.1", p.metrics_port, timeout=10)
+        conn.request("GET", "/metrics")
+        assert conn.getresponse().read().startswith(b"# HELP")
+        old = p.pid()
+        p.upgrade(timeout=5.0)
+        assert not alive(old)
+        conn.request("GET", "/metrics")  # the idle connection died with the old generation...
+        try:
+            conn.getresponse().read()
+            raise AssertionError("the old generation's idle scrape connection still answered")
+        except (http.client.HTTPException, ConnectionError):
+            pass
+        conn.close()
+        status, body = scrape(p)  # ...and the next scrape reaches the new one
+        assert status == 200 and b"proxy_generation 2.0" in body
