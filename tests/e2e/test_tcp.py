@@ -315,3 +315,37 @@ def test_keepalive_finds_a_dead_upstream() -> None:
         assert s.recv(10) == b""  # the proxy closed the client once keepalive gave up
         assert time.monotonic() - t0 < 15
         p.wait_log(r"event=conn_closed .*reason=u2c:ETIMEDOUT|reason=c2u:ETIMEDOUT", timeout=5)
+
+
+def test_fd_exhaustion_on_accept_backs_off_and_recovers() -> None:
+    """EMFILE on accept: the proxy logs, backs off and keeps serving; the client waiting in the
+    backlog is served as soon as a descriptor frees up."""
+    import resource
+
+    with Backend(echo) as be, running([be.addr], listener={"splice": False}) as p:
+        pid = p.pid()
+        with connect(p) as warm:  # let every lazily opened fd of the process exist first
+            warm.sendall(b"w")
+            assert warm.recv(1) == b"w"
+        wait_metric(p, "proxy_connections_active", 0.0, listener="web")
+        in_use = len(os.listdir(f"/proc/{pid}/fd"))
+        k = 4
+        try:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + 2 * k, in_use + 2 * k))
+        except (PermissionError, ValueError) as exc:
+            pytest.skip(f"cannot set the proxy's fd limit: {exc}")
+        held = [connect(p) for _ in range(k)]
+        for i, s in enumerate(held):
+            s.sendall(b"%d" % i)
+            assert s.recv(1) == b"%d" % i
+        extra = connect(p)  # completes in the backlog; accept() now fails with EMFILE
+        p.wait_log(r"event=accept_backoff .*errno=EMFILE")
+        for i, s in enumerate(held):  # the connections it holds carry on
+            s.sendall(b"again")
+            assert recv_exact(s, 5) == b"again"
+        held.pop().close()
+        extra.sendall(b"served")
+        assert recv_exact(extra, 6) == b"served"
+        for s in [*held, extra]:
+            s.close()
+        assert alive(pid)
