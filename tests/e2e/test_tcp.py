@@ -340,7 +340,7 @@ def test_fd_exhaustion_on_accept_backs_off_and_recovers() -> None:
             assert s.recv(1) == b"%d" % i
         extra = connect(p)  # completes in the backlog; accept() now fails with EMFILE
         p.wait_log(r"event=accept_backoff .*errno=EMFILE")
-        for i, s in enumerate(held):  # the connections it holds carry on
+        for s in held:  # the connections it holds carry on
             s.sendall(b"again")
             assert recv_exact(s, 5) == b"again"
         held.pop().close()
