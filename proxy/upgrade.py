@@ -360,9 +360,14 @@ class Upgrader:
         try:
             with scope:
                 try:
-                    await self._hand_over(ch, sent, peer_pid, ours, scope)
+                    await self._hand_over(ch, sent, peer_pid, ours)
                     return
-                except CHANNEL_ERRORS as exc:
+                except Exception as exc:
+                    # Whatever goes wrong in a session (a peer's garbage, or a bug of ours)
+                    # ends that session and rolls back; it never takes the serving
+                    # generation down with it.
+                    if not isinstance(exc, CHANNEL_ERRORS):
+                        log.error("takeover_session_error", error=repr(exc)[:300])
                     if not self.failure:
                         self.failure = f"{type(exc).__name__}: {exc}"
                 finally:
@@ -376,8 +381,8 @@ class Upgrader:
             self.session_done.set()
             self._notify()
 
-    async def _hand_over(self, ch: Channel, sent: dict[int, Conn], peer_pid: int, ours: bool,
-                         scope: trio.CancelScope) -> None:
+    async def _hand_over(self, ch: Channel, sent: dict[int, Conn], peer_pid: int,
+                         ours: bool) -> None:
         srv = self.server
         self.set_phase(Phase.HANDSHAKE, peer_pid=peer_pid)
         # A peer gets a short while to introduce itself: one that connects and says nothing
@@ -454,8 +459,7 @@ class Upgrader:
                 continue
             await ch.send(conns_message(records, fds))
             await fault_point("old", "after_conns")
-            ack = await ch.recv(MsgType.ACK)
-            ids = field_of(ack, "ids", list)
+            ids = ack_ids(await ch.recv(MsgType.ACK))
             if sorted(ids) != sorted(r.id for r in records):
                 raise ProtocolError("ACK does not match the batch sent")
             for cid in ids:
@@ -488,8 +492,7 @@ class Upgrader:
         # ACKs already in the socket buffer still count: those pairs belong to the new side.
         with trio.move_on_after(0.2), contextlib.suppress(*CHANNEL_ERRORS):
             while sent:
-                ack = await ch.recv(MsgType.ACK)
-                for cid in field_of(ack, "ids", list):
+                for cid in ack_ids(await ch.recv(MsgType.ACK)):
                     c = sent.pop(cid, None)
                     if c is not None and c.handler is not None:
                         c.handler.close()
@@ -514,6 +517,13 @@ class Upgrader:
     async def _drain_then_exit(self) -> None:
         await self.server.drain(self.cfg.proxy.drain_timeout)
         self.exit_now.set()
+
+
+def ack_ids(msg: Message) -> list[int]:
+    ids = field_of(msg, "ids", list)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ProtocolError("ACK.ids: not a list of integers")
+    return ids
 
 
 def _batch(conns: list[Conn]) -> list[Conn]:

@@ -440,3 +440,46 @@ def metric_version(p: Proxy) -> str:
     from proxy import __version__
 
     return __version__
+
+
+@pytest.mark.parametrize("ids", [["x"], [], [10**9]], ids=["not-ints", "empty", "unknown-id"])
+async def test_a_lying_peer_mid_handover_changes_nothing(ids: list[object]) -> None:
+    """A same-uid peer that speaks the protocol, takes a batch of connections, then ACKs
+    garbage: it is dropped and every connection resumes in the serving generation."""
+    from proxy.takeover import MsgType
+    from proxy.upgrade import Channel
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery, deployment(nursery) as p:
+            stop = trio.Event()
+            streams = [SeqStream(p.port, i) for i in range(6)]
+            for s in streams:
+                nursery.start_soon(s.run, stop)
+            await wait_until(streams_progress(streams))
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(str(p.dir / "tk"))
+            ch = Channel(sock, 10.0)
+            try:
+                await ch.send(Message(MsgType.HELLO, {"pid": os.getpid()}))
+                await ch.recv(MsgType.WELCOME)
+                listeners = await ch.recv(MsgType.LISTENERS)
+                for fd in listeners.fds:
+                    os.close(fd)  # we are not going to serve anything
+                await ch.send(Message(MsgType.READY))
+                batch = await ch.recv(MsgType.CONNS)
+                for fd in batch.fds:
+                    os.close(fd)
+                assert len(batch.head["conns"]) == 6
+                await ch.send(Message(MsgType.ACK, {"ids": ids}))
+            finally:
+                ch.close()
+            await trio.to_thread.run_sync(lambda: p.wait_log(r"event=handover_resumed .*"
+                                                              r"connections=6"))
+            await wait_until(streams_progress(streams))
+            assert metric(p, "proxy_upgrades_total", result="failed") == 1
+            await upgrade(p)  # and a real upgrade still goes through
+            await wait_until(streams_progress(streams))
+            stop.set()
+            await wait_until(lambda: not any(s.open for s in streams))
+            nursery.cancel_scope.cancel()
+    assert_clean(streams)
