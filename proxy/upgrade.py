@@ -523,7 +523,7 @@ def ack_ids(msg: Message) -> list[int]:
     ids = field_of(msg, "ids", list)
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise ProtocolError("ACK.ids: not a list of integers")
-    return ids
+    return [int(i) for i in ids]
 
 
 def _batch(conns: list[Conn]) -> list[Conn]:

@@ -442,7 +442,7 @@ def metric_version(p: Proxy) -> str:
     return __version__
 
 
-@pytest.mark.parametrize("ids", [["x"], [], [10**9]], ids=["not-ints", "empty", "unknown-id"])
+@pytest.mark.parametrize("ids", [["x", 1], [], [10**9]], ids=["not-ints", "empty", "unknown-id"])
 async def test_a_lying_peer_mid_handover_changes_nothing(ids: list[object]) -> None:
     """A same-uid peer that speaks the protocol, takes a batch of connections, then ACKs
     garbage: it is dropped and every connection resumes in the serving generation."""
