@@ -1,0 +1,757 @@
+"""Helpers shared by the benchmark scripts (scripts, not tests).
+
+* tools: `ensure_tools("haproxy", "wrk", "nginx")` installs what is missing with apt-get;
+* processes: every process is started here as a `subprocess.Popen` and stopped by its pid
+  (SIGTERM, a bounded wait, then SIGKILL); never by name. Every wait has a deadline;
+* `ProxyProcess`: our proxy with a generated config in a temp dir, its log file, its port (read
+  from the `event=listening` line), the pidfile, and `upgrade()` (SIGUSR2, timed);
+* `Nginx`, `HAProxy`: generated minimal configs on 127.0.0.1, foreground, one process each;
+* helper servers run as `python bench/common.py ROLE` in their own process (so they get a core
+  of their own and never share the benchmark client's GIL): `sink` (counts and discards, then
+  answers the byte count) and `echo` (an epoll echo server for thousands of connections);
+* `print_table()`: a plain text table, numbers right-aligned.
+
+Run from the repository root; everything listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import re
+import resource
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
+LOOPBACK = "127.0.0.1"
+
+# binary -> Debian package
+PACKAGES = {"haproxy": "haproxy", "wrk": "wrk", "nginx": "nginx", "socat": "socat"}
+
+
+def say(msg: str) -> None:
+    """Progress goes to stderr, tables to stdout."""
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- tools -------------------------------------------------------------------------------------
+
+def ensure_tools(*tools: str) -> None:
+    """Install the missing ones with apt-get (as root); exit with a message otherwise."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if not missing:
+        return
+    pkgs = [PACKAGES.get(t, t) for t in missing]
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise SystemExit(f"missing {', '.join(missing)}: install {' '.join(pkgs)} (needs root)")
+    say(f"installing {' '.join(pkgs)} with apt-get")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *pkgs]
+    if subprocess.run(cmd, env=env, timeout=600, check=False).returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], env=env, timeout=600, check=False)
+        subprocess.run(cmd, env=env, timeout=600, check=True)
+    still = [t for t in tools if shutil.which(t) is None]
+    if still:
+        raise SystemExit(f"still missing after apt-get: {', '.join(still)}")
+
+
+# ---- processes ---------------------------------------------------------------------------------
+
+def raise_nofile(want: int) -> int:
+    """Raise RLIMIT_NOFILE of this process to `want` (the hard limit too when allowed, i.e. as
+    root, up to fs.nr_open). Returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= want:
+        return soft
+    try:
+        nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        nr_open = want
+    target = min(want, nr_open)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, max(hard, target)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(target, hard), hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def nofile_ceiling() -> int:
+    """The most RLIMIT_NOFILE a child of ours can get: the hard limit, or fs.nr_open when we
+    may raise it (CAP_SYS_RESOURCE). Probed in a throwaway child, so ours stays as it is."""
+    probe = ("import resource as r\n"
+             "s, h = r.getrlimit(r.RLIMIT_NOFILE)\n"
+             "n = int(open('/proc/sys/fs/nr_open').read())\n"
+             "try:\n    r.setrlimit(r.RLIMIT_NOFILE, (n, n)); print(n)\n"
+             "except (ValueError, OSError):\n    print(h)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    return int(out.strip())
+
+
+def nofile_preexec(want: int) -> Callable[[], None]:
+    """A `preexec_fn` that raises the child's RLIMIT_NOFILE (inherited by its own children, so
+    by every later proxy generation too)."""
+
+    def preexec() -> None:
+        raise_nofile(want)
+
+    return preexec
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Make orphans of our children (a proxy generation started by the previous one, whose
+    parent then exits) our children, so we reap them instead of leaving zombies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie (a zombie child of ours is reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    if state == "Z":
+        reap(pid)
+        return False
+    return True
+
+
+def reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def kill_pid(pid: int, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
+    """Stop one process by pid: `sig`, wait up to `timeout`, then SIGKILL."""
+    if not alive(pid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive(pid):
+        time.sleep(0.01)
+    if alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and alive(pid):
+            time.sleep(0.01)
+
+
+def stop_popen(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:
+    if proc is None:
+        return
+    if proc.poll() is None:
+        kill_pid(proc.pid, timeout)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5.0)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` so far (0.0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    """A port free right now on 127.0.0.1 (for tools that cannot be told to use port 0)."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, timeout: float = 10.0, proc: subprocess.Popen[Any] | None = None,
+              what: str = "server", log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before listening on "
+                               f"{port}; log tail:\n{tail(log) if log else ''}")
+        with socket.socket() as s:
+            s.settimeout(1.0)
+            if s.connect_ex((LOOPBACK, port)) == 0:
+                return
+        time.sleep(0.02)
+    raise RuntimeError(f"{what}: nothing listens on {LOOPBACK}:{port} after {timeout}s; "
+                       f"log tail:\n{tail(log) if log else ''}")
+
+
+def read_line(stream: IO[bytes], timeout: float, what: str, log: Path | None = None) -> str:
+    """One line from a child's stdout pipe, within `timeout`."""
+    ready, _, _ = select.select([stream], [], [], timeout)
+    if not ready:
+        raise RuntimeError(f"{what}: no output within {timeout}s; log tail:\n"
+                           f"{tail(log) if log else ''}")
+    line = stream.readline()
+    if not line:
+        raise RuntimeError(f"{what}: exited before saying anything; log tail:\n"
+                           f"{tail(log) if log else ''}")
+    return line.decode().strip()
+
+
+def tail(path: Path, n: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+class Service:
+    """A foreground server process with a temp dir and a log file; stopped by pid."""
+
+    name = "service"
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix=f"bench-{self.name}-"))
+        self.log = self.dir / f"{self.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._logf: IO[bytes] | None = None
+
+    def _spawn(self, argv: Sequence[str], *, stdout: int | IO[bytes] | None = None,
+               preexec: Callable[[], None] | None = None, env: dict[str, str] | None = None,
+               ) -> subprocess.Popen[bytes]:
+        self._logf = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL,
+                                     stdout=self._logf if stdout is None else stdout,
+                                     stderr=self._logf, preexec_fn=preexec, env=env, cwd=self.dir)
+        return self.proc
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        stop_popen(self.proc)
+        if self._logf is not None:
+            self._logf.close()
+            self._logf = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ---- backends ----------------------------------------------------------------------------------
+
+class Nginx(Service):
+    """nginx on 127.0.0.1 answering every request with a small fixed body; one process
+    (master_process off), no access log, unlimited keep-alive."""
+
+    name = "nginx"
+
+    def __init__(self, body: str = "hello\n", worker_connections: int = 8192) -> None:
+        super().__init__()
+        self.port = free_port()
+        d = self.dir
+        temps = "\n".join(f"    {k}_temp_path {d}/{k};" for k in
+                          ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (d / "nginx.conf").write_text(f"""\
+daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile {2 * worker_connections + 64};
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections {worker_connections}; }}
+http {{
+    access_log off;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+{temps}
+    server {{
+        listen {LOOPBACK}:{self.port} backlog=4096;
+        location / {{ default_type text/plain; return 200 "{body.strip()}\\n"; }}
+    }}
+}}
+""")
+
+    def start(self) -> Nginx:
+        ensure_tools("nginx")
+        nginx = shutil.which("nginx")
+        assert nginx is not None
+        proc = self._spawn([nginx, "-p", str(self.dir), "-e", str(self.dir / "error.log"),
+                            "-c", str(self.dir / "nginx.conf")])
+        wait_port(self.port, proc=proc, what="nginx", log=self.log)
+        return self
+
+
+# "": copy through user space; "auto": `option splice-auto` (HAProxy decides when to splice);
+# "force": `option splice-request` + `option splice-response` (always splice).
+SPLICE_OPTIONS = {"": (), "auto": ("splice-auto",), "force": ("splice-request", "splice-response")}
+
+
+class HAProxy(Service):
+    """HAProxy in mode tcp on 127.0.0.1, foreground (-db), one process. `routes` maps a name to
+    (backend address, splice) with splice one of SPLICE_OPTIONS' keys; `ports[name]` is the
+    frontend port of each. `tune.pipesize` defaults to our proxy's splice pipe size (1 MiB)."""
+
+    name = "haproxy"
+
+    def __init__(self, routes: dict[str, tuple[str, str]], nbthread: int = 1,
+                 maxconn: int = 4000, pipesize: int = 1 << 20) -> None:
+        super().__init__()
+        self.ports = {name: free_port() for name in routes}
+        sections = []
+        for name, (backend, splice) in routes.items():
+            opts = SPLICE_OPTIONS[splice]
+            sections.append(f"listen {name}\n"
+                            f"    bind {LOOPBACK}:{self.ports[name]}\n"
+                            + "".join(f"    option {o}\n" for o in opts)
+                            + f"    server s1 {backend}\n")
+        (self.dir / "haproxy.cfg").write_text(f"""\
+global
+    maxconn {maxconn}
+    nbthread {nbthread}
+    tune.pipesize {pipesize}
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+    timeout client-fin 30s
+    timeout server-fin 30s
+
+""" + "\n".join(sections))
+        self.maxconn = maxconn
+
+    def start(self) -> HAProxy:
+        ensure_tools("haproxy")
+        haproxy = shutil.which("haproxy")
+        assert haproxy is not None
+        proc = self._spawn([haproxy, "-db", "-f", str(self.dir / "haproxy.cfg")],
+                           preexec=nofile_preexec(3 * self.maxconn + 1024))
+        for name, port in self.ports.items():
+            wait_port(port, proc=proc, what=f"haproxy {name}", log=self.log)
+        return self
+
+
+class Helper(Service):
+    """One of this module's helper servers (`python bench/common.py ROLE`); it prints
+    `port=N` once listening."""
+
+    def __init__(self, role: str, *args: str, nofile: int = 0) -> None:
+        self.name = role
+        super().__init__()
+        self.role = role
+        self.args = list(args)
+        self.nofile = nofile
+        self.port = 0
+
+    def start(self) -> Helper:
+        proc = self._spawn([sys.executable, str(Path(__file__).resolve()), self.role, *self.args],
+                           stdout=subprocess.PIPE,
+                           preexec=nofile_preexec(self.nofile) if self.nofile else None)
+        assert proc.stdout is not None
+        line = read_line(proc.stdout, 10.0, f"{self.role} helper", self.log)
+        m = re.fullmatch(r"port=(\d+)", line)
+        if not m:
+            raise RuntimeError(f"{self.role} helper said {line!r}")
+        self.port = int(m.group(1))
+        return self
+
+    def stop(self) -> None:
+        super().stop()
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+# ---- our proxy ---------------------------------------------------------------------------------
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"no TOML for {v!r}")
+
+
+@dataclass
+class Upgrade:
+    """One timed SIGUSR2 (all times are time.monotonic(), comparable across our processes)."""
+
+    old_pid: int
+    new_pid: int = 0
+    t_signal: float = 0.0
+    t_serving: float = 0.0  # the pidfile names the new generation
+    t_old_exit: float = 0.0  # the old generation is gone
+    handover_ms: float = float("nan")  # from the old side's `phase=released` line
+    moved: int = -1
+    done_moved: int = -1  # from the old side's `phase=done` line (incl. moved after RELEASED)
+
+    @property
+    def serving_ms(self) -> float:
+        return (self.t_serving - self.t_signal) * 1000
+
+    @property
+    def exit_ms(self) -> float:
+        return (self.t_old_exit - self.t_signal) * 1000
+
+
+class ProxyProcess(Service):
+    """Our proxy as a subprocess. `listeners` are `[[listener]]` tables (listen defaults to
+    127.0.0.1:0, mode tcp); `upstreams` are `[upstream.NAME]` tables; `nofile` raises the
+    RLIMIT_NOFILE of the first generation (and so of every later one, which inherit it)."""
+
+    name = "proxy"
+
+    def __init__(self, listeners: list[dict[str, Any]], upstreams: dict[str, dict[str, Any]],
+                 *, proxy_opts: dict[str, Any] | None = None, metrics: bool = True,
+                 nofile: int = 0) -> None:
+        super().__init__()
+        self.listeners = listeners
+        self.metrics = metrics
+        self.nofile = nofile
+        self.config = self.dir / "config.toml"
+        self.pidfile = self.dir / "proxy.pid"
+        self.ports: dict[str, int] = {}
+        self.metrics_port = 0
+        self.pids: set[int] = set()
+        section = {"pidfile": "proxy.pid", "takeover_socket": "proxy.takeover",
+                   "drain_timeout": 30.0, "upgrade_timeout": 60.0, "log_level": "info",
+                   **(proxy_opts or {})}
+        out = ["[proxy]"] + [f"{k} = {toml_value(v)}" for k, v in section.items()]
+        if metrics:
+            out += ["", "[metrics]", f'listen = "{LOOPBACK}:0"']
+        for lst in listeners:
+            lst = {"listen": f"{LOOPBACK}:0", "mode": "tcp", **lst}
+            out += ["", "[[listener]]"] + [f"{k} = {toml_value(v)}" for k, v in lst.items()]
+        for name, up in upstreams.items():
+            out += ["", f"[upstream.{name}]"] + [f"{k} = {toml_value(v)}" for k, v in up.items()]
+        self.config.write_text("\n".join(out) + "\n")
+
+    def start(self, timeout: float = 30.0) -> ProxyProcess:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        proc = self._spawn([sys.executable, "-m", "proxy", "run", "--config", str(self.config)],
+                           preexec=nofile_preexec(self.nofile) if self.nofile else None, env=env)
+        self.pids.add(proc.pid)
+        self.wait_log(rf"event=phase gen=1 pid={proc.pid} .*phase=serving", timeout)
+        for lst in self.listeners:
+            m = self.wait_log(rf"event=listening .*listener={re.escape(lst['name'])} "
+                              rf"addr=\S+:(\d+)", 5.0)
+            self.ports[lst["name"]] = int(m.group(1))
+        if self.metrics:
+            self.metrics_port = int(self.wait_log(r"event=metrics_listening .*addr=\S+:(\d+)",
+                                                  5.0).group(1))
+        return self
+
+    # ---- logs ------------------------------------------------------------------------------
+
+    def text(self, start: int = 0) -> str:
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(start)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def log_size(self) -> int:
+        try:
+            return self.log.stat().st_size
+        except OSError:
+            return 0
+
+    def wait_log(self, pattern: str, timeout: float = 10.0, start: int = 0) -> re.Match[str]:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = rx.search(self.text(start))
+            if m:
+                return m
+            if time.monotonic() > deadline:
+                break
+            if self.proc is not None and self.proc.poll() is not None and self.serving_pid() is None:
+                break
+            time.sleep(0.02)
+        raise RuntimeError(f"proxy: no log line /{pattern}/ within {timeout}s; log tail:\n"
+                           f"{tail(self.log)}")
+
+    # ---- generations -----------------------------------------------------------------------
+
+    def serving_pid(self) -> int | None:
+        try:
+            pid = int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if alive(pid) else None
+
+    def upgrade(self, timeout: float = 60.0, poll: float = 0.0005) -> Upgrade:
+        """SIGUSR2 to the pid in the pidfile; time until the pidfile names another process
+        (new generation serving) and until the old pid is gone; read the old side's
+        `phase=released moved=N handover_ms=X` line."""
+        old = self.serving_pid()
+        if old is None:
+            raise RuntimeError(f"proxy: no serving pid; log tail:\n{tail(self.log)}")
+        up = Upgrade(old)
+        mark = self.log_size()
+        up.t_signal = time.monotonic()
+        os.kill(old, signal.SIGUSR2)
+        deadline = up.t_signal + timeout
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            if not up.t_serving:
+                pid = self.serving_pid()
+                if pid is not None and pid != old:
+                    up.t_serving, up.new_pid = now, pid
+                    self.pids.add(pid)
+            if up.t_serving and not alive(old):
+                up.t_old_exit = now
+                break
+            time.sleep(poll)
+        else:
+            raise RuntimeError(f"proxy: upgrade of pid {old} did not complete within {timeout}s;"
+                               f" log tail:\n{tail(self.log)}")
+        m = self.wait_log(rf"event=phase gen=\d+ pid={old} .*phase=released moved=(\d+) "
+                          rf"handover_ms=([\d.]+)", 5.0, mark)
+        up.moved, up.handover_ms = int(m.group(1)), float(m.group(2))
+        d = re.search(rf"event=phase gen=\d+ pid={old} .*phase=done moved=(\d+)", self.text(mark))
+        if d:
+            up.done_moved = int(d.group(1))
+        self.wait_log(rf"event=takeover_done gen=\d+ pid={up.new_pid}", 10.0, mark)
+        return up
+
+    def stop(self) -> None:
+        """Stop every generation this deployment ran (pids from the log and the pidfile)."""
+        pids = set(self.pids) | {int(p) for p in re.findall(r" pid=(\d+)", self.text())}
+        serving = self.serving_pid()
+        if serving is not None:
+            pids.add(serving)
+        for pid in pids:
+            kill_pid(pid, timeout=10.0)
+        super().stop()
+
+    def metric_lines(self, prefix: str) -> list[str]:
+        """Lines of GET /metrics starting with `prefix` (empty on any failure)."""
+        if not self.metrics_port:
+            return []
+        try:
+            with socket.create_connection((LOOPBACK, self.metrics_port), timeout=5.0) as s:
+                s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+        except OSError:
+            return []
+        return [ln for ln in data.decode(errors="replace").splitlines() if ln.startswith(prefix)]
+
+
+# ---- tables ------------------------------------------------------------------------------------
+
+def ratio(a: float, b: float) -> str:
+    if not b or a != a or b != b:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def fmt(v: float, digits: int = 1) -> str:
+    if v != v:  # nan
+        return "-"
+    return f"{v:,.{digits}f}"
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r: list[str]) -> str:
+        out = []
+        for i, c in enumerate(r):
+            numeric = bool(re.fullmatch(r"[-+]?[\d,.]+(x|%| ms| s)?|-", c))
+            out.append(c.rjust(widths[i]) if numeric and i else c.ljust(widths[i]))
+        return "  ".join(out).rstrip()
+
+    print(f"\n{title}")
+    print(line(cells[0]))
+    print("  ".join("-" * w for w in widths))
+    for r in cells[1:]:
+        print(line(r))
+    sys.stdout.flush()
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100); nan for no values."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, round(p / 100 * len(s) + 0.5) - 1))
+    return s[k]
+
+
+# ---- helper servers (python bench/common.py ROLE) ----------------------------------------------
+
+COUNT = struct.Struct("!Q")
+
+
+def _listen(backlog: int = 4096) -> socket.socket:
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind((LOOPBACK, 0))
+    ls.listen(backlog)
+    print(f"port={ls.getsockname()[1]}", flush=True)
+    return ls
+
+
+def serve_sink() -> None:
+    """One connection at a time: discard everything (splice to /dev/null, no copy to user
+    space), then on EOF answer the byte count (8 bytes, network order) and close."""
+    ls = _listen(64)
+    null = os.open("/dev/null", os.O_WRONLY)
+    r, w = os.pipe()
+    with contextlib.suppress(OSError):
+        import fcntl
+        fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    buf = bytearray(1 << 20)
+    while True:
+        conn, _ = ls.accept()
+        total = 0
+        try:
+            use_splice = hasattr(os, "splice")
+            while True:
+                if use_splice:
+                    try:
+                        n = os.splice(conn.fileno(), w, 1 << 20)
+                    except OSError:
+                        use_splice = False
+                        continue
+                    left = n
+                    while left:
+                        left -= os.splice(r, null, left)
+                else:
+                    n = conn.recv_into(buf)
+                if not n:
+                    break
+                total += n
+            conn.sendall(COUNT.pack(total))
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+def serve_echo() -> None:
+    """An epoll echo server for many connections (edge cases: partial sends are buffered)."""
+    ls = _listen(4096)
+    ls.setblocking(False)
+    ep = select.epoll()
+    ep.register(ls.fileno(), select.EPOLLIN)
+    conns: dict[int, socket.socket] = {}
+    pending: dict[int, bytes] = {}
+    lfd = ls.fileno()
+
+    def close(fd: int) -> None:
+        s = conns.pop(fd, None)
+        pending.pop(fd, None)
+        if s is not None:
+            with contextlib.suppress(OSError):
+                ep.unregister(fd)
+            s.close()
+
+    while True:
+        for fd, ev in ep.poll():
+            if fd == lfd:
+                for _ in range(256):
+                    try:
+                        c, _ = ls.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:  # EMFILE and friends: try again on the next wakeup
+                        break
+                    c.setblocking(False)
+                    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    conns[c.fileno()] = c
+                    ep.register(c.fileno(), select.EPOLLIN)
+                continue
+            s = conns.get(fd)
+            if s is None:
+                continue
+            try:
+                if ev & select.EPOLLOUT and fd in pending:
+                    data = pending.pop(fd)
+                    n = s.send(data)
+                    if n < len(data):
+                        pending[fd] = data[n:]
+                    else:
+                        ep.modify(fd, select.EPOLLIN)
+                    continue
+                if fd in pending:
+                    continue
+                data = s.recv(65536)
+                if not data:
+                    close(fd)
+                    continue
+                n = s.send(data)
+                if n < len(data):
+                    pending[fd] = data[n:]
+                    ep.modify(fd, select.EPOLLOUT)
+            except BlockingIOError:
+                continue
+            except OSError:
+                close(fd)
+
+
+@contextlib.contextmanager
+def started(*services: Any) -> Iterator[None]:
+    """Start each service in order; stop all started ones (reverse order) on the way out."""
+    up: list[Any] = []
+    try:
+        for s in services:
+            up.append(s)
+            s.start()
+        yield
+    finally:
+        for s in reversed(up):
+            with contextlib.suppress(Exception):
+                s.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="bench helper servers (127.0.0.1, port 0)")
+    ap.add_argument("role", choices=["sink", "echo"])
+    args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    if args.role == "sink":
+        serve_sink()
+    else:
+        serve_echo()
+
+
+if __name__ == "__main__":
+    main()
