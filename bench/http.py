@@ -123,8 +123,8 @@ def summarize_raw(text: str, top: int) -> Profile:
         if not stack or not count.isdigit():
             continue
         c = int(count)
-        frames = [_frame(f) for f in stack.split(";")
-                  if not f.startswith(("process ", "thread "))]
+        frames = [_frame(f) for f in stack.split(";")  # no thread names, no bare addresses
+                  if not f.startswith(("process ", "thread ", "0x"))]
         if not frames:
             continue
         n += c
