@@ -210,12 +210,13 @@ def main() -> int:
     rows: list[Row] = []
     with started(backend):
         ours = http_proxy(backend.port, args.connections)
-        haproxy = HAProxyHttp(f"{LOOPBACK}:{backend.port}", nbthread=args.haproxy_threads)
-        with started(ours, haproxy):
+        with started(ours):
             rows.append(measure("direct (nginx)", backend.port, backend.pid, args))
             rows.append(measure("our proxy (mode http)", ours.ports["web"], proxy_pid(ours), args))
-            rows.append(measure(f"HAProxy (mode http, nbthread {args.haproxy_threads})",
-                                haproxy.port, haproxy.pid, args))
+            haproxy = HAProxyHttp(f"{LOOPBACK}:{backend.port}", nbthread=args.haproxy_threads)
+            with started(haproxy):
+                rows.append(measure(f"HAProxy (mode http, nbthread {args.haproxy_threads})",
+                                    haproxy.port, haproxy.pid, args))
             direct, mine, hap = rows[0].res, rows[1].res, rows[2].res
             print_table(
                 f"HTTP/1.1 keep-alive, 6-byte body: wrk -t{args.threads} "
