@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from proxy.metrics import Metrics
 from proxy.upstream import Balancer, NoUpstream, ServerState, connect
 
 RECV_SIZE = 65536
+PEEK_AFTER = 1.0  # seconds idle after which a pooled connection is checked before reuse
 
 
 class Hold:
@@ -87,7 +89,10 @@ class Pool:
         q = self.idle.get(addr)
         while q:
             up = q.pop()
-            if now - up.since > self.cfg.pool_idle_timeout or not _still_idle(up.sock):
+            idle = now - up.since
+            # A server closes idle connections after seconds, not milliseconds: look for its
+            # FIN only on connections idle for a while (a miss is retried, see _exchange).
+            if idle > self.cfg.pool_idle_timeout or (idle > PEEK_AFTER and not _still_idle(up.sock)):
                 up.close()
                 continue
             up.reused = True
@@ -150,12 +155,25 @@ class UpstreamBroken(Exception):
     """The upstream failed mid-exchange (after the response head went to the client)."""
 
 
-async def _recv(sock: socket.socket) -> bytes:
+async def _recv_waiting(sock: socket.socket) -> bytes:
+    """Wait for the socket to be readable, then read. (Waiting first: when we get here we have
+    just asked the peer for something, so a read now would only find nothing.)"""
     while True:
+        await trio.lowlevel.wait_readable(sock)
         try:
             return sock.recv(RECV_SIZE)
         except BlockingIOError:
-            await trio.lowlevel.wait_readable(sock)
+            continue
+
+
+def _pairs(headers: h11._headers.Headers) -> hdr.Headers:
+    """h11's headers as a plain list of (lower-case name, value). h11's Headers is a Sequence
+    without __iter__, so iterating it goes through __getitem__ per item; its `_full_items`
+    list is the fast way in (with the public, slower way as the fallback)."""
+    full = getattr(headers, "_full_items", None)
+    if full is None:
+        return list(headers)
+    return [(name, value) for _, name, value in full]
 
 
 async def _send(sock: socket.socket, data: bytes, count: Callable[[int], None]) -> None:
@@ -305,10 +323,11 @@ class HttpClient:
             # Idle: the only place a pause may interrupt. Its own scope, so a pause that comes
             # in after the socket turned readable cannot hit the request that follows.
             self.idle = True
-            self._idle_scope = trio.CancelScope()
-            self.side.changed()
             held = self.side.hold.active
-            with self._idle_scope, trio.move_on_at(float("inf") if held else deadline) as timer:
+            # One scope for both the idle deadline and a pause or close (those set a flag first).
+            timer = self._idle_scope = trio.CancelScope(deadline=math.inf if held else deadline)
+            self.side.changed()
+            with timer:
                 if held:  # a handover is under way: do not start a request, wait to be moved
                     await self.side.hold.released.wait()
                 else:
@@ -367,17 +386,20 @@ class HttpClient:
         tunnel; otherwise the client connection is left DONE/DONE (keep-alive) or not."""
         t0 = trio.current_time()
         method, target = req.method.decode("latin-1"), req.target.decode("latin-1")
-        problem = hdr.framing_problem(req.headers)
+        headers = _pairs(req.headers)
+        problem = hdr.framing_problem(headers)
         if problem:
             await self._error(400, problem)
             return None
         if self.conn.they_are_waiting_for_100_continue:
             # We answer Expect ourselves (as nginx does) so the body flows at once.
             await self._to_client(h11.InformationalResponse(status_code=100, headers=[]))
-        up_headers = hdr.upstream_request(req.headers, self.client_ip)
-        has_body = any(k in (b"content-length", b"transfer-encoding") for k, _ in req.headers) \
-            and hdr.get(req.headers, b"content-length") != b"0"
+        up_headers = hdr.upstream_request(headers, self.client_ip)
+        length = hdr.get(headers, b"content-length")
+        has_body = (length is not None and length != b"0") or (
+            hdr.get(headers, b"transfer-encoding") is not None)
         retryable = hdr.idempotent(req.method) and not has_body
+        tunnel = hdr.wants_upgrade(headers)
         fresh = False
         for _ in range(2):
             try:
@@ -386,12 +408,11 @@ class HttpClient:
                 await self._error(502, str(exc))
                 return None
             try:
-                return await self._forward(req, up_headers, up, method, target, t0)
+                return await self._forward(req, up_headers, tunnel, up, method, target, t0)
             except Retry:
                 up.close()
                 if not retryable:
-                    await self._error(502, "upstream closed the connection")
-                    return None
+                    break
                 fresh = True
         await self._error(502, "upstream closed the connection")
         return None
@@ -408,8 +429,10 @@ class HttpClient:
         server.active -= 1  # http counts in-flight requests instead (see _forward)
         return UpConn(sock, h11.Connection(h11.CLIENT), server)
 
-    async def _forward(self, req: h11.Request, up_headers: hdr.Headers, up: UpConn, method: str,
-                       target: str, t0: float) -> Relay | None:
+    async def _forward(self, req: h11.Request, up_headers: hdr.Headers, tunnel: bool,
+                       up: UpConn, method: str, target: str, t0: float) -> Relay | None:
+        """One request/response over `up`. Bytes for a peer are gathered while h11 has events
+        in hand and sent once it needs more input: one send per message, not per event."""
         side = self.side
         upc = up.conn
         up.server.active += 1
@@ -417,16 +440,11 @@ class HttpClient:
         status = 0
         nbytes = 0
         try:
-            try:
-                data = upc.send(h11.Request(method=req.method, target=req.target,
-                                            headers=up_headers, http_version="1.1"))
-                await _send(up.sock, data or b"", side.count_c2u)
-            except OSError as exc:
-                if up.reused:
-                    raise Retry() from exc
-                raise
-            # The request body, streamed: one client read at a time.
-            while True:
+            out = bytearray(upc.send(h11.Request(  # headers came from h11's parser: _parsed
+                method=req.method, target=req.target, headers=up_headers, http_version=b"1.1",
+                _parsed=True)) or b"")
+            first = True
+            while True:  # the request body, streamed: one client read at a time
                 try:
                     event = self.conn.next_event()
                 except h11.RemoteProtocolError as exc:
@@ -434,13 +452,16 @@ class HttpClient:
                     await self._error(exc.error_status_hint, str(exc))
                     return None
                 if event is h11.NEED_DATA:
-                    with trio.fail_after(side.listener.idle_timeout or float("inf")):
-                        self.conn.receive_data(await _recv(self.sock))
+                    await self._to_upstream(up, out, first)
+                    first = False
+                    with trio.fail_after(side.listener.idle_timeout or math.inf):
+                        self.conn.receive_data(await _recv_waiting(self.sock))
                     continue
                 if isinstance(event, h11.Data):
-                    await _send(up.sock, upc.send(event) or b"", side.count_c2u)
+                    out += upc.send(event) or b""
                 elif isinstance(event, h11.EndOfMessage):
-                    await _send(up.sock, upc.send(h11.EndOfMessage()) or b"", side.count_c2u)
+                    out += upc.send(h11.EndOfMessage()) or b""
+                    await self._to_upstream(up, out, first)
                     break
                 else:
                     return None  # ConnectionClosed mid-body: nothing more to do
@@ -455,38 +476,43 @@ class HttpClient:
                         raise Retry() from exc
                     raise UpstreamBroken(str(exc)) from exc
                 if event is h11.NEED_DATA:
-                    if sent_head:
-                        with trio.fail_after(side.listener.idle_timeout or float("inf")):
-                            chunk = await _recv(up.sock)
-                    else:
-                        with trio.move_on_at(deadline) as timer:
-                            chunk = await _recv(up.sock)
-                        if timer.cancelled_caught:
-                            up.close()
-                            await self._error(504, "no response within response_timeout")
-                            status = 504
-                            return None
+                    if out:
+                        await _send(self.sock, bytes(out), side.count_u2c)
+                        out.clear()
+                    with trio.CancelScope(deadline=math.inf if sent_head else deadline) as t:
+                        if sent_head and side.listener.idle_timeout:
+                            t.deadline = trio.current_time() + side.listener.idle_timeout
+                        chunk = await _recv_waiting(up.sock)
+                    if t.cancelled_caught:
+                        up.close()
+                        if sent_head:
+                            raise UpstreamBroken("upstream idle past idle_timeout")
+                        await self._error(504, "no response within response_timeout")
+                        status = 504
+                        return None
                     got_any = got_any or bool(chunk)
                     upc.receive_data(chunk)
                     continue
-                if isinstance(event, h11.InformationalResponse):
-                    if event.status_code == 101 and hdr.wants_upgrade(req.headers):
-                        status = 101
-                        return await self._switch(event, up)
-                    await self._to_client(h11.InformationalResponse(
-                        status_code=event.status_code, headers=hdr.client_response(event.headers)))
+                if isinstance(event, h11.Data):
+                    nbytes += len(event.data)
+                    out += self.conn.send(event) or b""
                 elif isinstance(event, h11.Response):
                     status = event.status_code
-                    await self._to_client(h11.Response(
+                    out += self.conn.send(h11.Response(
                         status_code=event.status_code, reason=event.reason,
-                        headers=hdr.client_response(event.headers)))
+                        headers=hdr.client_response(_pairs(event.headers)), _parsed=True)) or b""
                     sent_head = True
-                elif isinstance(event, h11.Data):
-                    nbytes += len(event.data)
-                    await self._to_client(event)
                 elif isinstance(event, h11.EndOfMessage):
-                    await self._to_client(h11.EndOfMessage())
+                    out += self.conn.send(h11.EndOfMessage()) or b""
+                    await _send(self.sock, bytes(out), side.count_u2c)
                     break
+                elif isinstance(event, h11.InformationalResponse):
+                    if event.status_code == 101 and tunnel:
+                        status = 101
+                        return await self._switch(event, up)
+                    out += self.conn.send(h11.InformationalResponse(
+                        status_code=event.status_code,
+                        headers=hdr.client_response(_pairs(event.headers)), _parsed=True)) or b""
                 else:  # ConnectionClosed before the end
                     raise UpstreamBroken("upstream closed mid-response")
             return None
@@ -501,23 +527,35 @@ class HttpClient:
             raise UpstreamBroken(str(exc)) from exc
         finally:
             up.server.active -= 1
-            if status and status not in (101, 502, 504):
+            if status and status not in (502, 504):
                 self._record(status, method, target, str(up.server.addr), nbytes, t0)
-            if status == 101:
-                self._record(101, method, target, str(up.server.addr), 0, t0)
-            elif (upc.our_state is h11.DONE and upc.their_state is h11.DONE
-                  and up.sock.fileno() >= 0):
-                upc.start_next_cycle()
-                side.pool.give(up, trio.current_time())
-            elif up.sock.fileno() >= 0:
-                up.close()
+            if status != 101:
+                if (upc.our_state is h11.DONE and upc.their_state is h11.DONE
+                        and up.sock.fileno() >= 0):
+                    upc.start_next_cycle()
+                    side.pool.give(up, trio.current_time())
+                elif up.sock.fileno() >= 0:
+                    up.close()
+
+    async def _to_upstream(self, up: UpConn, out: bytearray, first: bool) -> None:
+        """Send what is gathered for the upstream. A pooled connection that fails on its first
+        write never saw the request: Retry."""
+        if not out:
+            return
+        try:
+            await _send(up.sock, bytes(out), self.side.count_c2u)
+        except OSError as exc:
+            if first and up.reused:
+                raise Retry() from exc
+            raise
+        out.clear()
 
     async def _switch(self, event: h11.InformationalResponse, up: UpConn) -> Relay:
         """101: answer the client, then relay both sockets as a tcp pair, h11's unprocessed
         bytes on each side carried over as pending data."""
         await self._to_client(h11.InformationalResponse(
             status_code=101, reason=event.reason,
-            headers=hdr.client_response(event.headers, tunnel=True)))
+            headers=hdr.client_response(_pairs(event.headers), tunnel=True)))
         client_extra, client_eof = self.conn.trailing_data
         up_extra, up_eof = up.conn.trailing_data
         side = self.side
