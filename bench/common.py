@@ -33,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -390,6 +391,20 @@ class Helper(Service):
 
 # ---- our proxy ---------------------------------------------------------------------------------
 
+def log_time(stamp: str) -> float:
+    """The proxy's log timestamp (`2026-11-22T07:40:01.123Z`) as a unix time."""
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+
+
+def machine_note() -> str:
+    """CPU count and load: the numbers only compare within one run on one quiet machine."""
+    try:
+        load = Path("/proc/loadavg").read_text().split()[:3]
+    except OSError:
+        load = ["?"] * 3
+    return f"nproc={os.cpu_count()}, load average {' '.join(load)} (1/5/15 min)"
+
+
 def toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -416,6 +431,9 @@ class Upgrade:
     handover_ms: float = float("nan")  # from the old side's `phase=released` line
     moved: int = -1
     done_moved: int = -1  # from the old side's `phase=done` line (incl. moved after RELEASED)
+    boot_ms: float = float("nan")  # old side's log: phase=spawning -> phase=handover (the new
+    #                                generation started, took the listeners and said READY)
+
 
     @property
     def serving_ms(self) -> float:
@@ -542,6 +560,13 @@ class ProxyProcess(Service):
         m = self.wait_log(rf"event=phase gen=\d+ pid={old} .*phase=released moved=(\d+) "
                           rf"handover_ms=([\d.]+)", 5.0, mark)
         up.moved, up.handover_ms = int(m.group(1)), float(m.group(2))
+        text = self.text(mark)
+        spawning = re.search(rf"^(\S+) level=info event=phase gen=\d+ pid={old} phase=spawning",
+                             text, re.M)
+        handover = re.search(rf"^(\S+) level=info event=phase gen=\d+ pid={old} phase=handover",
+                             text, re.M)
+        if spawning and handover:
+            up.boot_ms = (log_time(handover.group(1)) - log_time(spawning.group(1))) * 1000
         d = re.search(rf"event=phase gen=\d+ pid={old} .*phase=done moved=(\d+)", self.text(mark))
         if d:
             up.done_moved = int(d.group(1))

@@ -42,6 +42,7 @@ from common import (
     cpu_seconds,
     ensure_tools,
     fmt,
+    machine_note,
     print_table,
     ratio,
     say,
@@ -173,6 +174,7 @@ def main() -> int:
         args.repeat = 1
     ensure_tools("wrk", "nginx", "haproxy")
     become_subreaper()
+    say(f"before: {machine_note()}")
     nginx = Nginx()
     sink = Helper("sink")
     with started(nginx, sink):
@@ -204,6 +206,8 @@ def main() -> int:
                                         haproxy.pid),
                                  Target("HAProxy tcp, splice forced", haproxy.ports["bulk_force"],
                                         haproxy.pid)])
+    print(f"\n{machine_note()} at the end (wrk, nginx, the sink, the middlebox and this sender "
+          f"share those CPUs)")
     return 0
 
 
