@@ -33,11 +33,13 @@ CAP_SYS_RESOURCE); the tables say so when that happens.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import errno
 import heapq
 import json
 import random
+import re
 import select
 import socket
 import subprocess
@@ -350,6 +352,7 @@ class Case:
     errors: list[dict[str, Any]] = field(default_factory=list)
     result: ClientResult | None = None
     note: str = ""
+    log_problems: dict[str, int] = field(default_factory=dict)  # proxy log warnings/errors
 
 
 def _load(prefix: Path) -> ClientResult:
@@ -480,6 +483,8 @@ def run_case(requested: int, args: argparse.Namespace, ceiling: int) -> Case:
         if clients is not None:
             clients.kill()
         if proxy is not None:
+            case.log_problems = dict(collections.Counter(
+                re.findall(r"level=(?:warning|error) event=(\S+)", proxy.text())))
             proxy.stop()
         echo.stop()
         for p in workdir.iterdir():
@@ -555,6 +560,8 @@ def report(cases: list[Case], args: argparse.Namespace) -> None:
     for c in cases:
         if c.note:
             print(f"note: {c.note}")
+        if c.log_problems:
+            print(f"proxy log warnings/errors ({c.conns} conns): {c.log_problems}")
         for e in c.errors[:10]:
             print(f"error ({c.conns} conns): stream {e['stream']} {e['kind']}: {e['detail']}")
         if len(c.errors) > 10:
