@@ -16,6 +16,12 @@ Run from the repository root; everything listens on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/X.py`: import siblings as bench.X, and let
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # `http` be the stdlib's, not ours
+
 import argparse
 import contextlib
 import ctypes

@@ -23,6 +23,12 @@ another wrk run of the same load and prints the top functions by self and by tot
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/X.py`: import siblings as bench.X, and let
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # `http` be the stdlib's, not ours
+
 import argparse
 import collections
 import os
@@ -35,7 +41,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import (
+from bench.common import (
     LOOPBACK,
     Nginx,
     become_subreaper,
@@ -47,7 +53,7 @@ from common import (
     say,
     started,
 )
-from httpcommon import HAProxyHttp, WrkResult, WrkRun, http_proxy, load_note, proxy_pid, run_wrk
+from bench.httpcommon import HAProxyHttp, WrkResult, WrkRun, http_proxy, load_note, proxy_pid, run_wrk
 
 
 @dataclass

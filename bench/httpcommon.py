@@ -14,6 +14,12 @@ Everything listens on 127.0.0.1; every process is stopped by pid; every wait has
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/X.py`: import siblings as bench.X, and let
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # `http` be the stdlib's, not ours
+
 import contextlib
 import os
 import re
@@ -25,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import (
+from bench.common import (
     LOOPBACK,
     ProxyProcess,
     Service,

@@ -25,6 +25,12 @@ workers too); every wait has a deadline. All of it shares this machine's cores.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/X.py`: import siblings as bench.X, and let
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # `http` be the stdlib's, not ours
+
 import argparse
 import statistics
 import sys
@@ -32,7 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from common import (
+from bench.common import (
     LOOPBACK,
     Nginx,
     ProxyProcess,
@@ -43,7 +49,7 @@ from common import (
     say,
     started,
 )
-from httpcommon import (
+from bench.httpcommon import (
     HAProxyHttp,
     MasterWorker,
     NginxProxy,

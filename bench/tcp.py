@@ -20,6 +20,12 @@ see `nproc`); the ratios, measured in the same run, are the point.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/X.py`: import siblings as bench.X, and let
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # `http` be the stdlib's, not ours
+
 import argparse
 import os
 import re
@@ -31,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from common import (
+from bench.common import (
     COUNT,
     LOOPBACK,
     HAProxy,

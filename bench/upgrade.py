@@ -32,6 +32,12 @@ CAP_SYS_RESOURCE); the tables say so when that happens.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/X.py`: import siblings as bench.X, and let
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # `http` be the stdlib's, not ours
+
 import argparse
 import collections
 import contextlib
@@ -51,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import (
+from bench.common import (
     LOOPBACK,
     Helper,
     ProxyProcess,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import signal
 import sys
 import time
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from proxy import generation
 
     log.setup(cfg.proxy.log_level)
+    _raise_nofile()
     run_argv = ["run", "--config", str(cfg.path), "--takeover"]
     try:
         return trio.run(generation.run, cfg, run_argv, args.takeover)
@@ -67,6 +69,19 @@ def main(argv: list[str] | None = None) -> int:
         log.error("startup_failed", reason=str(exc))
         print(f"proxy: cannot start: {exc}", file=sys.stderr)
         return 1
+
+
+def _raise_nofile() -> None:
+    """Two fds per tcp pair: raise our soft RLIMIT_NOFILE to the hard limit (as HAProxy does),
+    so a manual start with a soft limit of 1024 does not run out at ~500 pairs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("nofile_unchanged", soft=soft, hard=hard, error=str(exc))
+            return
+    log.debug("nofile", limit=max(soft, hard))
 
 
 def upgrade(cfg: config.Config, timeout: float | None) -> int:

@@ -2,7 +2,8 @@
 
 A `Relay` owns two connected, non-blocking stdlib sockets and moves bytes both ways until both
 directions have reached EOF (each propagated with `shutdown(SHUT_WR)`, so half-close works), an
-error ends the pair, or the pair stays idle for `idle_timeout`.
+error ends the pair, or the pair stays idle for `idle_timeout` (checked by the generation's
+sweeper calling `check_idle()`: one task for all pairs, not one per pair).
 
 Theory of operation (why pause is always safe)
 -----------------------------------------------
@@ -45,6 +46,10 @@ from proxy import log
 RECV_SIZE = 65536  # a recv this full marks a direction as bulk: it switches to splice
 PIPE_SIZE = 1 << 20  # splice pipe capacity asked for (fs.pipe-max-size caps it)
 SPLICE_SMALL = 16384  # a splice that brings in less than this switches back to copying
+# A pump that never has to wait yields to the other tasks after this many writes. (Not after
+# every write: a small message's round trip blocks anyway, and each extra pass through the
+# scheduler costs as much as the syscalls. Its waits are checkpoints, so pause() is never late.)
+YIELD_EVERY = 16
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _HAVE_SPLICE = hasattr(os, "splice")
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -76,7 +81,7 @@ class Direction:
     pending: bytearray = field(default_factory=bytearray)
     eof: bool = False
     shut: bool = False
-    moved: int = 0  # bytes written to dst by this relay (the idle watchdog reads it)
+    moved: int = 0  # bytes written to dst by this relay (check_idle() reads it)
     bulk: bool = False
     pipe: tuple[int, int] | None = None
     in_pipe: int = 0
@@ -147,6 +152,8 @@ class Relay:
         self._scope = trio.CancelScope()
         self._stopped = trio.Event()
         self._pausing = False
+        self._seen_moved = -1  # check_idle(): bytes moved when last looked at, and since when
+        self._seen_at = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -157,6 +164,8 @@ class Relay:
         self.state = State.RUNNING
         self._stopped = trio.Event()
         self._pausing = False
+        self._seen_moved = -1  # check_idle(): bytes moved when last looked at, and since when
+        self._seen_at = 0.0
         # Created before the first await, so a pause() that comes in at any point finds it.
         scope = self._scope = trio.CancelScope()
         try:
@@ -178,8 +187,6 @@ class Relay:
 
                     nursery.start_soon(pump, self.c2u)
                     nursery.start_soon(pump, self.u2c)
-                    if self.idle_timeout > 0:
-                        nursery.start_soon(self._watch_idle)
         finally:
             if self._pausing and not self.close_reason:
                 self.state = State.PAUSED
@@ -229,19 +236,20 @@ class Relay:
 
     # ---- the pumps ---------------------------------------------------------------------------
 
-    async def _watch_idle(self) -> None:
-        last = -1
-        while True:
-            await trio.sleep(self.idle_timeout)
-            moved = self.c2u.moved + self.u2c.moved
-            if moved == last:
-                self.close_reason = "idle_timeout"
-                self._scope.cancel()
-                return
-            last = moved
+    def check_idle(self, now: float) -> None:
+        """Close the pair when no byte moved either way for `idle_timeout` (0: never). The
+        generation's sweeper calls this every fraction of the timeout."""
+        moved = self.c2u.moved + self.u2c.moved
+        if moved != self._seen_moved:
+            self._seen_moved, self._seen_at = moved, now
+        elif (self.idle_timeout > 0 and self.state is State.RUNNING
+              and now - self._seen_at >= self.idle_timeout):
+            self.close_reason = "idle_timeout"
+            self._scope.cancel()
 
     async def _pump(self, d: Direction) -> None:
         src, dst = d.src, d.dst
+        streak = 0  # writes done without blocking; we yield to others every YIELD_EVERY
         while True:
             try:
                 if d.pending:
@@ -253,7 +261,10 @@ class Relay:
                     del d.pending[:n]
                     d.moved += n
                     d.count(n)
-                    await trio.lowlevel.checkpoint()
+                    streak += 1
+                    if streak >= YIELD_EVERY:
+                        streak = 0
+                        await trio.lowlevel.checkpoint()
                 elif d.in_pipe:
                     assert d.pipe is not None
                     try:
@@ -264,7 +275,10 @@ class Relay:
                     d.in_pipe -= n
                     d.moved += n
                     d.count(n)
-                    await trio.lowlevel.checkpoint()
+                    streak += 1
+                    if streak >= YIELD_EVERY:
+                        streak = 0
+                        await trio.lowlevel.checkpoint()
                 elif d.eof:
                     if not d.shut:
                         d.shut = True

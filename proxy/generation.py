@@ -106,6 +106,7 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
                         root.start_soon(stop, False)
 
             root.start_soon(signals)
+            root.start_soon(server.sweep_idle)
             try:
                 if takeover:
                     _title("generation ? taking over")

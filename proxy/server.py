@@ -366,6 +366,19 @@ class Server:
         self._add(conn)
         return conn
 
+    async def sweep_idle(self) -> None:
+        """One task for every pair's idle_timeout: look at each relay a few times per timeout."""
+        timeouts = [lst.idle_timeout for lst in self.cfg.listeners if lst.idle_timeout > 0]
+        if not timeouts:
+            return
+        interval = max(0.05, min(timeouts) / 4)
+        while True:
+            await trio.sleep(interval)
+            now = trio.current_time()
+            for c in list(self.conns.values()):
+                if isinstance(c.handler, Relay):
+                    c.handler.check_idle(now)
+
     def close_idle(self) -> None:
         """Graceful stop: idle keep-alive http clients close now, busy ones after their
         response (nginx and HAProxy do the same)."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -62,10 +63,16 @@ from proxy.takeover import (
     parse_conns,
 )
 
+# GC_NOTE: a generation holding N pairs tracks ~80 objects per pair; a full collection over
+# them stops the process for up to hundreds of ms at 10k pairs, and a handover (old: pausing
+# them all; new: allocating them all) triggers several. So the collector is off while a
+# handover runs on either side, and the new generation then freezes what it adopted (long-lived
+# relays need not be scanned again). Garbage made meanwhile is collected once it is back on.
 FAULT_ENV = "PROXY_TEST_FAULT_FILE"  # test-only: see `fault()`
 STDERR_FD_ENV = "PROXY_STDERR_FD"  # set by the upgrader for its child: the real stderr's fd
 STDERR_TAIL_LINES = 20
 CLOSE_WAIT = 5.0
+ACK_WINDOW = 4  # CONNS batches sent ahead of their ACK
 HELLO_TIMEOUT = 5.0  # after DONE, how long the old generation waits for the new one to hang up
 
 
@@ -376,6 +383,7 @@ class Upgrader:
             with trio.CancelScope(shield=True):
                 await self._rollback(ch, sent, released, peer_pid, ours)
         finally:
+            gc.enable()
             ch.close()
             self.session_scope = None
             self.session_done.set()
@@ -403,6 +411,7 @@ class Upgrader:
         await ch.recv(MsgType.READY)
         self.set_phase(Phase.HANDOVER, connections=len(srv.conns))
         srv.hold.hold()  # idle http clients stop taking requests: they move next
+        gc.disable()  # see GC_NOTE
         await fault_point("old", "after_ready")
         t0 = trio.current_time()
         # The bulk of the pairs moves while we still accept; then we stop, sweep up what came
@@ -438,29 +447,37 @@ class Upgrader:
         self.exit_now.set()
 
     async def _send_movable(self, ch: Channel, sent: dict[int, Conn]) -> int:
-        """Pause, send and (on ACK) release every movable pair, a batch at a time."""
+        """Pause, send and (on ACK) release every movable pair, a batch at a time, with up to
+        ACK_WINDOW batches in flight: we pause and send the next while the new generation
+        adopts the last. ACKs come back in batch order."""
         total = 0
-        while batch := _batch(self.server.movable()):
-            for c in batch:
-                assert c.handler is not None
-                c.handler.request_pause()
-            records: list[ConnRecord] = []
-            fds: list[int] = []
-            for c in batch:
-                assert c.handler is not None
-                snap = await c.handler.pause()
-                if snap is None:  # finished on its own meanwhile
-                    continue
-                server = str(c.server.addr) if c.server is not None else ""
-                records.append(ConnRecord(c.id, c.listener, c.mode, c.client, server, snap))
-                fds.extend(c.handler.fds())
-                sent[c.id] = c
-            if not records:
+        in_flight: collections.deque[list[int]] = collections.deque()
+        while True:
+            batch = _batch(self.server.movable()) if len(in_flight) < ACK_WINDOW else []
+            if batch:
+                for c in batch:
+                    assert c.handler is not None
+                    c.handler.request_pause()
+                records: list[ConnRecord] = []
+                fds: list[int] = []
+                for c in batch:
+                    assert c.handler is not None
+                    snap = await c.handler.pause()
+                    if snap is None:  # finished on its own meanwhile
+                        continue
+                    server = str(c.server.addr) if c.server is not None else ""
+                    records.append(ConnRecord(c.id, c.listener, c.mode, c.client, server, snap))
+                    fds.extend(c.handler.fds())
+                    sent[c.id] = c
+                if records:
+                    await ch.send(conns_message(records, fds))
+                    in_flight.append([r.id for r in records])
+                    await fault_point("old", "after_conns")
                 continue
-            await ch.send(conns_message(records, fds))
-            await fault_point("old", "after_conns")
+            if not in_flight:
+                return total
             ids = ack_ids(await ch.recv(MsgType.ACK))
-            if sorted(ids) != sorted(r.id for r in records):
+            if sorted(ids) != sorted(in_flight.popleft()):
                 raise ProtocolError("ACK does not match the batch sent")
             for cid in ids:
                 c = sent.pop(cid)
@@ -469,7 +486,6 @@ class Upgrader:
                 self.server.forget(c)
                 self.metrics.handover_connections.labels(c.mode).inc()
             total += len(ids)
-        return total
 
     async def _rollback(self, ch: Channel, sent: dict[int, Conn], released: bool, peer_pid: int,
                         ours: bool) -> None:
@@ -582,8 +598,20 @@ async def take_over(cfg: Config, server: Server, metrics: Metrics,
     this generation becomes the serving one (and may start accepting); `on_channel(sock)`
     with the channel's listening socket once the old generation is gone.
     """
-    path = cfg.proxy.takeover_socket
     await fault_point("new", "start")
+    gc.disable()  # see GC_NOTE; re-enabled (after a freeze) when the handover ends
+    try:
+        await _take_over(cfg, server, metrics, on_serving, on_channel, task_status)
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
+async def _take_over(cfg: Config, server: Server, metrics: Metrics,
+                     on_serving: Callable[[int], None],
+                     on_channel: Callable[[socket.socket], None],
+                     task_status: trio.TaskStatus[int]) -> None:
+    path = cfg.proxy.takeover_socket
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(str(path))

@@ -213,7 +213,17 @@ async def test_idle_timeout_closes_pair(autojump_clock: trio.testing.MockClock) 
     uside, uapp = tcp_pair()
     relay = Relay(cside, uside, idle_timeout=5.0)
     with trio.fail_after(60):
-        assert await relay.run() is State.CLOSED
+        async with trio.open_nursery() as nursery:
+            async def sweeper() -> None:  # as the generation's Server.sweep_idle does
+                while relay.state is not State.CLOSED:
+                    relay.check_idle(trio.current_time())
+                    await trio.sleep(1.0)
+
+            nursery.start_soon(sweeper)
+            capp.send(b"x")  # activity first: the clock starts at the last byte moved
+            t0 = trio.current_time()
+            assert await relay.run() is State.CLOSED
+            assert 5.0 <= trio.current_time() - t0 <= 7.0
     assert relay.close_reason == "idle_timeout"
     capp.close()
     uapp.close()
