@@ -73,6 +73,7 @@ STDERR_FD_ENV = "PROXY_STDERR_FD"  # set by the upgrader for its child: the real
 STDERR_TAIL_LINES = 20
 CLOSE_WAIT = 5.0
 ACK_WINDOW = 4  # CONNS batches sent ahead of their ACK
+BATCH_CONNS = 64  # connections per CONNS batch (the fd limit alone would allow 126)
 HELLO_TIMEOUT = 5.0  # after DONE, how long the old generation waits for the new one to hang up
 
 
@@ -543,13 +544,15 @@ def ack_ids(msg: Message) -> list[int]:
 
 
 def _batch(conns: list[Conn]) -> list[Conn]:
-    """As many conns as fit one CONNS frame's fds."""
+    """As many conns as fit one CONNS frame's fds, and at most BATCH_CONNS: each batch is
+    paused and adopted in one go, during which every other connection of that process waits,
+    so smaller batches mean shorter stalls for everyone (with ACK_WINDOW keeping the pipe full)."""
     out: list[Conn] = []
     nfds = 0
     for c in conns:
         assert c.handler is not None
         k = len(c.handler.fds())
-        if nfds + k > MAX_FDS:
+        if nfds + k > MAX_FDS or len(out) >= BATCH_CONNS:
             break
         out.append(c)
         nfds += k
