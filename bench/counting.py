@@ -43,10 +43,10 @@ async def _run(pings: int, bulk: int, c2u: Callable[[int], None],
     """(seconds for `pings` 64-byte round trips, seconds for `bulk` bytes one way)."""
     capp, cside = _pair()
     uside, uapp = _pair()
-    relay = Relay(cside, uside, count_c2u=c2u, count_u2c=u2c)
     ct, ut = trio.socket.from_stdlib_socket(capp), trio.socket.from_stdlib_socket(uapp)
     msg = b"x" * 64
     async with trio.open_nursery() as nursery:
+        relay = Relay(cside, uside, count_c2u=c2u, count_u2c=u2c, spawn=nursery.start_soon)
         nursery.start_soon(relay.run)
 
         async def echo() -> None:

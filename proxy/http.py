@@ -138,6 +138,7 @@ class HttpSide:
     hold: Hold
     changed: Callable[[], object]
     on_connect_failure: Callable[[Address], None]
+    spawn: Callable[..., object]  # the handler nursery's start_soon (a tunnel's second pump)
     count_c2u: Callable[[int], None] = field(init=False)
     count_u2c: Callable[[int], None] = field(init=False)
 
@@ -560,6 +561,7 @@ class HttpClient:
         up_extra, up_eof = up.conn.trailing_data
         side = self.side
         return Relay(self.sock, up.sock, splice=False, idle_timeout=side.listener.idle_timeout,
+                     spawn=side.spawn,
                      count_c2u=side.count_c2u, count_u2c=side.count_u2c,
                      state=PairSnapshot(c2u=DirectionSnapshot(bytes(client_extra), client_eof),
                                         u2c=DirectionSnapshot(bytes(up_extra), up_eof)))

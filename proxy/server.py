@@ -143,7 +143,7 @@ class Server:
             return None
         bal = self.balancers[lst.upstream]
         return HttpSide(lst, bal.cfg, bal, self.pools[lst.upstream], self.metrics, self.hold,
-                        self.changed.unpark_all, self._count_connect_failure(bal))
+                        self.changed.unpark_all, self._count_connect_failure(bal), self.spawn)
 
     def listener_sockets(self) -> dict[str, socket.socket]:
         """Every listening socket keyed by `listener_key`, for the takeover channel."""
@@ -311,7 +311,7 @@ class Server:
     def _relay(self, listener: str, csock: socket.socket, usock: socket.socket,
                state: PairSnapshot | None, cfg: Listener | None) -> Relay:
         b = self.metrics.bytes
-        return Relay(csock, usock, state=state,
+        return Relay(csock, usock, state=state, spawn=self.spawn,
                      splice=cfg.splice if cfg else True,
                      idle_timeout=cfg.idle_timeout if cfg else 0.0,
                      count_c2u=b.labels(listener, "client_to_upstream").inc,
@@ -405,6 +405,11 @@ class Server:
                 self.handlers = nursery
                 task_status.started()
                 await trio.sleep_forever()
+
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Start a task in the handler nursery (relays run their second pump there)."""
+        assert self.handlers is not None
+        self.handlers.start_soon(fn, *args)
 
     def stop_handlers(self) -> None:
         self._handlers_scope.cancel()

@@ -85,12 +85,13 @@ async def relay_with_pauses(c2u: bytes, u2c: bytes, seed: int, pauses: int, spli
     capp_t = trio.socket.from_stdlib_socket(capp)
     uapp_t = trio.socket.from_stdlib_socket(uapp)
     got: dict[str, bytes] = {}
-    relay = Relay(cside, uside, splice=splice)
     total = len(c2u) + len(u2c)
     thresholds = sorted(rng.randrange(0, max(1, total)) for _ in range(pauses))
     paused = 0
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
+            relay = Relay(cside, uside, splice=splice, spawn=nursery.start_soon)
+
             async def client() -> None:
                 nursery.start_soon(send_all_then_shut, capp_t, c2u, rng)
                 got["u2c"] = await read_to_eof(capp_t, rng, slow=not client_shuts_early)
@@ -114,7 +115,7 @@ async def relay_with_pauses(c2u: bytes, u2c: bytes, seed: int, pauses: int, spli
                 state, cfd, ufd = wire_roundtrip(snap, relay.fds())
                 relay.close()  # the old generation closes its copies after the ACK
                 relay = Relay(socket.socket(fileno=cfd), socket.socket(fileno=ufd), state=state,
-                              splice=splice)
+                              splice=splice, spawn=nursery.start_soon)
                 nursery.start_soon(relay.run)
                 paused += 1
     assert hashlib.sha256(got["c2u"]).hexdigest() == hashlib.sha256(c2u).hexdigest()
@@ -168,12 +169,12 @@ async def test_snapshot_keeps_bytes_parked_in_splice_pipe() -> None:
     The snapshot must carry them; nothing is lost across the resume."""
     capp, cside = tcp_pair()
     uside, uapp = tcp_pair()
-    relay = Relay(cside, uside, splice=True)
     payload = os.urandom(8 << 20)
     capp_t = trio.socket.from_stdlib_socket(capp)
     uapp_t = trio.socket.from_stdlib_socket(uapp)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
+            relay = Relay(cside, uside, splice=True, spawn=nursery.start_soon)
             nursery.start_soon(relay.run)
             nursery.start_soon(send_all_then_shut, capp_t, payload, random.Random(3))
             # Nobody reads upstream yet: kernel buffers and the relay fill up.
@@ -183,7 +184,8 @@ async def test_snapshot_keeps_bytes_parked_in_splice_pipe() -> None:
             assert snap is not None and len(snap.c2u.pending) > 0
             state, cfd, ufd = wire_roundtrip(snap, relay.fds())
             relay.close()
-            relay2 = Relay(socket.socket(fileno=cfd), socket.socket(fileno=ufd), state=state)
+            relay2 = Relay(socket.socket(fileno=cfd), socket.socket(fileno=ufd), state=state,
+                           spawn=nursery.start_soon)
             nursery.start_soon(relay2.run)
             got = await read_to_eof(uapp_t, random.Random(4), slow=False)
             uapp.shutdown(socket.SHUT_WR)
@@ -195,9 +197,9 @@ async def test_snapshot_keeps_bytes_parked_in_splice_pipe() -> None:
 async def test_error_on_one_side_closes_both() -> None:
     capp, cside = tcp_pair()
     uside, uapp = tcp_pair()
-    relay = Relay(cside, uside)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
+            relay = Relay(cside, uside, spawn=nursery.start_soon)
             nursery.start_soon(relay.run)
             capp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             capp.close()  # RST
@@ -211,9 +213,9 @@ async def test_error_on_one_side_closes_both() -> None:
 async def test_idle_timeout_closes_pair(autojump_clock: trio.testing.MockClock) -> None:
     capp, cside = tcp_pair()
     uside, uapp = tcp_pair()
-    relay = Relay(cside, uside, idle_timeout=5.0)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
+            relay = Relay(cside, uside, idle_timeout=5.0, spawn=nursery.start_soon)
             async def sweeper() -> None:  # as the generation's Server.sweep_idle does
                 while relay.state is not State.CLOSED:
                     relay.check_idle(trio.current_time())
