@@ -100,7 +100,7 @@ def upgrade(cfg: config.Config, timeout: float | None) -> int:
     deadline = time.monotonic() + (timeout or cfg.proxy.upgrade_timeout + 5.0)
     while time.monotonic() < deadline:
         pid = pidfile.read(cfg.proxy.pidfile)
-        if pid is not None and pid != old and _alive(pid):
+        if pid is not None and pid != old and pidfile.alive(pid):
             print(f"upgraded: pid {old} -> {pid}")
             return 0
         status = pidfile.read_status(cfg.proxy.pidfile)
@@ -109,7 +109,7 @@ def upgrade(cfg: config.Config, timeout: float | None) -> int:
             print(f"proxy upgrade: rolled back: {status.get('reason')}; pid {old} still serves",
                   file=sys.stderr)
             return 1
-        if not _alive(old) and pid == old:
+        if not pidfile.alive(old) and pid == old:
             print(f"proxy upgrade: pid {old} exited and nothing replaced it", file=sys.stderr)
             return 1
         time.sleep(0.05)
@@ -117,12 +117,3 @@ def upgrade(cfg: config.Config, timeout: float | None) -> int:
           " serves (see its log)", file=sys.stderr)
     return 1
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

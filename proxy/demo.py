@@ -26,7 +26,8 @@ from proxy import pidfile
 STREAM_PACE = 0.02  # seconds between a stream's pings
 
 
-async def _echo(stream: trio.SocketStream) -> None:
+async def echo_handler(stream: trio.SocketStream) -> None:
+    """The demo's built-in backend: echo every byte back (tests use it too)."""
     try:
         async with stream:
             while data := await stream.receive_some(65536):
@@ -88,7 +89,7 @@ def _wait_line(log: Path, needle: str, timeout: float) -> str:
 async def _demo(upgrades: int, streams: int, workdir: Path) -> int:
     log = workdir / "proxy.log"
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, _echo, 0, host="127.0.0.1"))
+        listeners = await nursery.start(partial(trio.serve_tcp, echo_handler, 0, host="127.0.0.1"))
         backend_port = listeners[0].socket.getsockname()[1]
         cfg = workdir / "config.toml"
         cfg.write_text(
@@ -119,7 +120,7 @@ async def _demo(upgrades: int, streams: int, workdir: Path) -> int:
                 with trio.fail_after(30):
                     while True:
                         new = pidfile.read(pf)
-                        if new and new != old and not _alive(old):
+                        if new and new != old and not pidfile.alive(old):
                             break
                         await trio.sleep(0.01)
                 pids.add(new)
@@ -132,10 +133,10 @@ async def _demo(upgrades: int, streams: int, workdir: Path) -> int:
             await trio.sleep(STREAM_PACE * 3)
         finally:
             for pid in pids:
-                if _alive(pid):
+                if pidfile.alive(pid):
                     os.kill(pid, signal.SIGTERM)
             with trio.move_on_after(15):
-                while any(_alive(p) for p in pids):
+                while any(pidfile.alive(p) for p in pids):
                     await trio.sleep(0.05)
             proc.poll()
             nursery.cancel_scope.cancel()
@@ -149,13 +150,6 @@ async def _demo(upgrades: int, streams: int, workdir: Path) -> int:
     print("  worst stall:       " + ", ".join(f"#{s.ident} {s.max_stall * 1000:.0f} ms" for s in ss))
     return 0 if not lost else 1
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def main(upgrades: int = 3, streams: int = 4) -> int:

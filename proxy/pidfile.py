@@ -56,3 +56,19 @@ def remove_if_mine(path: Path) -> None:
     if read(path) == os.getpid():
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def alive(pid: int) -> bool:
+    """True while process `pid` exists and is not a zombie (one we may not signal counts)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

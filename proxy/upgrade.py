@@ -519,7 +519,7 @@ class Upgrader:
             self.server.resume(c)
         if sent:
             log.info("handover_resumed", connections=len(sent))
-        peer_alive = _alive(peer_pid) and not ours
+        peer_alive = pidfile.alive(peer_pid) and not ours
         if released and peer_alive:
             # The new generation serves; keep what we still hold until it is done, then exit.
             log.error("handover_incomplete", reason=reason, kept=len(sent))
@@ -558,15 +558,6 @@ def _batch(conns: list[Conn]) -> list[Conn]:
         nfds += k
     return out
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _delta(now: dict[str, list[Any]], base: dict[str, list[Any]]) -> dict[str, list[Any]]:

@@ -13,16 +13,9 @@ from functools import partial
 
 import trio
 
+from proxy.demo import echo_handler
+
 LINE = 9  # b"%08d\n"
-
-
-async def echo_handler(stream: trio.SocketStream) -> None:
-    try:
-        async with stream:
-            while data := await stream.receive_some(65536):
-                await stream.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
 
 
 async def start_echo(nursery: trio.Nursery) -> int:
