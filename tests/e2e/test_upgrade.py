@@ -16,8 +16,10 @@ from functools import partial
 import pytest
 import trio
 
+from proxy import __version__
 from proxy.takeover import Codec, Message, MsgType
 from tests.e2e.test_tcp import metric
+from tests.support.backends import Backend, echo
 from tests.support.load import SeqStream, ShortConns, start_echo
 from tests.support.proc import ROOT, Proxy, alive
 
@@ -387,7 +389,7 @@ async def test_new_code_on_disk_becomes_the_next_generation() -> None:
             init.write_text(init.read_text().replace('__version__ = "', '__version__ = "9.9.9+'))
             new = await upgrade(p)
             p.wait_log(rf"pid={new} phase=serving version=9\.9\.9\+")
-            version = "9.9.9+" + metric_version(p)
+            version = "9.9.9+" + __version__  # what the copy on disk now says
             assert metric(p, "proxy_build_info", version=version) == 1
             await wait_until(streams_progress(streams))
             stop.set()
@@ -397,8 +399,8 @@ async def test_new_code_on_disk_becomes_the_next_generation() -> None:
 
 
 def test_upgrade_command_reports_success_and_rollback() -> None:
-    with trio_free_echo() as port:
-        p = Proxy([f"127.0.0.1:{port}"])
+    with Backend(echo) as be:
+        p = Proxy([be.addr])
         try:
             p.start()
             old = p.pid()
@@ -420,26 +422,6 @@ def test_upgrade_command_reports_success_and_rollback() -> None:
             assert p.pid() == new and p.count(f"event=phase gen=2 pid={new} phase=spawning") == 1
         finally:
             p.stop()
-
-
-class trio_free_echo:
-    """A threaded echo backend for sync tests (context manager yielding its port)."""
-
-    def __enter__(self) -> int:
-        from tests.support.backends import Backend, echo
-
-        self.backend = Backend(echo)
-        return self.backend.port
-
-    def __exit__(self, *exc: object) -> None:
-        self.backend.close()
-
-
-def metric_version(p: Proxy) -> str:
-    """The original version string (what follows our "9.9.9+" prefix)."""
-    from proxy import __version__
-
-    return __version__
 
 
 @pytest.mark.parametrize("ids", [["x", 1], [], [10**9]], ids=["not-ints", "empty", "unknown-id"])
