@@ -55,9 +55,10 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
                 root.start_soon(server.accept_all)
                 upgrader.generation = generation
                 pidfile.write(cfg.proxy.pidfile)
-                notify.notify(f"MAINPID={os.getpid()}", "READY=1")
                 _title(f"generation {generation} serving")
                 upgrader.set_phase(Phase.SERVING, version=__version__)
+                # Last: whoever waits for READY (systemd) finds everything above done.
+                notify.notify(f"MAINPID={os.getpid()}", "READY=1")
 
             def on_channel(sock: socket.socket) -> None:
                 root.start_soon(upgrader.serve_channel, sock)
