@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from proxy.pidfile import alive
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -184,16 +186,6 @@ class Proxy:
         if self._logf is not None:
             self._logf.close()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 @contextmanager
