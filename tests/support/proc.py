@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from proxy.pidfile import alive
+from proxy.pidfile import alive as alive  # re-exported for the tests
 
 ROOT = Path(__file__).resolve().parents[2]
 
