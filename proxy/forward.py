@@ -179,7 +179,12 @@ class Relay:
         self._scopes = (trio.CancelScope(), trio.CancelScope())
         self._live = 2
         other_done = trio.Event()
-        self.spawn(self._direction, self.c2u, self._scopes[0], other_done)
+        try:
+            self.spawn(self._direction, self.c2u, self._scopes[0], other_done)
+        except BaseException:  # the nursery is closing (shutdown): nothing will run the pair
+            self.close()
+            self._stopped.set()
+            raise
         try:
             await self._direction(self.u2c, self._scopes[1], None)
             await other_done.wait()
