@@ -3,9 +3,10 @@
 Requests are bounded in size (`MAX_REQUEST`) and time (`REQUEST_TIMEOUT`); anything but
 /metrics is 404, other methods 405. The connection's socket is owned (and closed) here.
 
-Only a request being answered counts as work the generation holds (`busy`); a scraper's idle
-keep-alive connection does not keep an old generation alive: it is closed when that generation
-exits, and the scraper reconnects to the listening socket, which the next generation holds.
+A connection's first request (accept to answer) and any request being answered count as work
+the generation holds (`busy`); a scraper's idle keep-alive connection does not keep an old
+generation alive: it is closed when that generation exits, and the scraper reconnects to the
+listening socket, which the next generation holds.
 """
 
 from __future__ import annotations
@@ -32,9 +33,15 @@ async def serve_conn(metrics: Metrics, busy: Busy, sock: socket.socket) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
     try:
         with trio.move_on_after(REQUEST_TIMEOUT * MAX_REQUESTS_PER_CONN):
-            for _ in range(MAX_REQUESTS_PER_CONN):
-                if not await _one(metrics, busy, stream, conn):
+            # A new connection's first request is surely coming: it holds the generation from
+            # accept to answer (else an old generation could exit between the two and reset
+            # it). Later requests on a kept-alive connection hold it only while answered.
+            with busy():
+                more = await _one(metrics, busy, stream, conn)
+            for _ in range(MAX_REQUESTS_PER_CONN - 1):
+                if not more:
                     break
+                more = await _one(metrics, busy, stream, conn)
     except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, OSError):
         pass
     finally:

@@ -66,8 +66,15 @@ async def test_counters_never_go_down_and_endpoint_answers_through_upgrades() ->
             nursery.start_soon(shorts.run, stop)
             scrapes: list[Samples] = []
             scrape_errors: list[str] = []
+            scraper_done = trio.Event()
 
             async def scraper() -> None:
+                try:
+                    await scrape_loop()
+                finally:
+                    scraper_done.set()
+
+            async def scrape_loop() -> None:
                 while not stop.is_set():
                     try:
                         status, body = await trio.to_thread.run_sync(scrape, p)
@@ -92,6 +99,7 @@ async def test_counters_never_go_down_and_endpoint_answers_through_upgrades() ->
             await wait_until(lambda: len(scrapes) > 3)
             final, _ = parse(scrape(p)[1])
             stop.set()
+            await scraper_done.wait()  # its last scrape must not race the proxy's shutdown
             nursery.cancel_scope.cancel()
     assert not scrape_errors, scrape_errors[:5]
     assert len(scrapes) > 20

@@ -40,7 +40,10 @@ async def deployment(nursery: trio.Nursery, port: int | None = None,
         await trio.to_thread.run_sync(p.start)
         yield p
     finally:
-        p.stop()
+        # In a thread, so the in-test backends keep running while the proxy drains (stopping
+        # on this thread would freeze them and the drain would wait out drain_timeout).
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(p.stop)
 
 
 async def upgrade(p: Proxy) -> int:
