@@ -276,6 +276,7 @@ class Relay:
     async def _pump(self, d: Direction) -> None:
         src, dst = d.src, d.dst
         streak = 0  # writes done without blocking; we yield to others every YIELD_EVERY
+        drained = False  # the last read came up short: the socket is most likely empty now
         while True:
             try:
                 if d.pending:
@@ -322,6 +323,9 @@ class Relay:
                     d.in_pipe += n
                     d.bulk = n >= SPLICE_SMALL
                 else:
+                    if drained:  # skip the read that would only say EAGAIN: wait first
+                        drained = False
+                        await trio.lowlevel.wait_readable(src)
                     try:
                         data = src.recv(RECV_SIZE)
                     except BlockingIOError:
@@ -331,6 +335,7 @@ class Relay:
                         d.eof = True
                     d.pending += data
                     d.bulk = self.splice and len(data) == RECV_SIZE
+                    drained = 0 < len(data) < RECV_SIZE
             except OSError as exc:  # BlockingIOError never gets here: each call site handles it
                 name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
                 raise PeerGone(f"{d.name}:{name}") from exc
