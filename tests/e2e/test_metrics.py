@@ -9,8 +9,8 @@ import itertools
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.test_upgrade import deployment, streams_progress, upgrade, wait_until
-from tests.support.load import SeqStream, ShortConns
+from tests.e2e.test_upgrade import deployment, streams_progress, upgrade
+from tests.support.load import SeqStream, ShortConns, wait_until
 from tests.support.proc import Proxy
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -20,14 +20,8 @@ from proxy import __version__
 from proxy.takeover import Codec, Message, MsgType
 from tests.e2e.test_tcp import metric
 from tests.support.backends import Backend, echo
-from tests.support.load import SeqStream, ShortConns, start_echo
+from tests.support.load import SeqStream, ShortConns, StreamSet, start_echo, wait_until
 from tests.support.proc import ROOT, Proxy, alive
-
-
-async def wait_until(cond: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
-    with trio.fail_after(timeout):
-        while not cond():
-            await trio.sleep(0.01)
 
 
 @asynccontextmanager
@@ -63,12 +57,10 @@ def assert_clean(streams: list[SeqStream]) -> None:
 async def test_twenty_upgrades_under_load_lose_nothing() -> None:
     with trio.fail_after(300):
         async with trio.open_nursery() as nursery, deployment(nursery) as p:
-            stop = trio.Event()
-            streams = [SeqStream(p.port, i) for i in range(50)]
+            ss = StreamSet(p.port, 50).start(nursery)
+            streams = ss.streams
             shorts = ShortConns(p.port)
-            for s in streams:
-                nursery.start_soon(s.run, stop)
-            nursery.start_soon(shorts.run, stop)
+            nursery.start_soon(shorts.run, ss.stop)
             await wait_until(streams_progress(streams))
             pids = [p.pid()]
             for _ in range(20):
@@ -80,8 +72,7 @@ async def test_twenty_upgrades_under_load_lose_nothing() -> None:
             moved = metric(p, "proxy_handover_connections_total", mode="tcp")
             generation = metric(p, "proxy_generation")
             upgrades = metric(p, "proxy_upgrades_total", result="success")
-            stop.set()
-            await wait_until(lambda: not any(s.open for s in streams))
+            await ss.finish()
             nursery.cancel_scope.cancel()
     assert_clean(streams)
     assert not shorts.failures, shorts.failures[:5]
@@ -219,12 +210,10 @@ async def test_failed_upgrade_changes_nothing(fault: str, change: str, reason: s
                                               proxy_cfg: dict[str, float]) -> None:
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery, deployment(nursery, proxy=proxy_cfg) as p:
-            stop = trio.Event()
-            streams = [SeqStream(p.port, i) for i in range(10)]
+            ss = StreamSet(p.port, 10).start(nursery)
+            streams = ss.streams
             shorts = ShortConns(p.port)
-            for s in streams:
-                nursery.start_soon(s.run, stop)
-            nursery.start_soon(shorts.run, stop)
+            nursery.start_soon(shorts.run, ss.stop)
             await wait_until(streams_progress(streams))
             old = p.pid()
             good_config = p.config.read_text()
@@ -251,8 +240,7 @@ async def test_failed_upgrade_changes_nothing(fault: str, change: str, reason: s
             await wait_until(streams_progress(streams))
             assert metric(p, "proxy_upgrades_total", result="failed") == 1
             assert metric(p, "proxy_upgrades_total", result="success") == 1
-            stop.set()
-            await wait_until(lambda: not any(s.open for s in streams))
+            await ss.finish()
             nursery.cancel_scope.cancel()
     assert_clean(streams)
     assert not shorts.failures, shorts.failures[:5]
@@ -261,10 +249,8 @@ async def test_failed_upgrade_changes_nothing(fault: str, change: str, reason: s
 async def test_old_generation_dying_after_release_leaves_new_one_serving() -> None:
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery, deployment(nursery) as p:
-            stop = trio.Event()
-            streams = [SeqStream(p.port, i) for i in range(10)]
-            for s in streams:
-                nursery.start_soon(s.run, stop)
+            ss = StreamSet(p.port, 10).start(nursery)
+            streams = ss.streams
             await wait_until(streams_progress(streams))
             old = p.pid()
             p.arm_fault("old:after_released:crash")
@@ -275,8 +261,7 @@ async def test_old_generation_dying_after_release_leaves_new_one_serving() -> No
             await wait_until(streams_progress(streams))
             await upgrade(p)  # the survivor can be upgraded in turn
             await wait_until(streams_progress(streams))
-            stop.set()
-            await wait_until(lambda: not any(s.open for s in streams))
+            await ss.finish()
             nursery.cancel_scope.cancel()
     assert_clean(streams)
 
@@ -298,10 +283,8 @@ async def test_foreign_uid_and_garbage_on_the_channel_are_dropped() -> None:
         pytest.skip("needs root to act as another uid")
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery, deployment(nursery) as p:
-            stop = trio.Event()
-            streams = [SeqStream(p.port, i) for i in range(5)]
-            for s in streams:
-                nursery.start_soon(s.run, stop)
+            ss = StreamSet(p.port, 5).start(nursery)
+            streams = ss.streams
             chan = p.dir / "tk"
             os.chmod(chan, 0o666)  # a misconfiguration: only SO_PEERCRED stands in the way
             os.chmod(p.dir, 0o755)
@@ -338,8 +321,7 @@ async def test_foreign_uid_and_garbage_on_the_channel_are_dropped() -> None:
             assert metric(p, "proxy_upgrades_total", result="failed") == 0
             await upgrade(p)  # the channel still works for a real upgrade
             await wait_until(streams_progress(streams))
-            stop.set()
-            await wait_until(lambda: not any(s.open for s in streams))
+            await ss.finish()
             nursery.cancel_scope.cancel()
     assert_clean(streams)
 
@@ -380,10 +362,8 @@ async def test_new_code_on_disk_becomes_the_next_generation() -> None:
     """A hot *binary* upgrade: the next generation runs what is on disk now (its own version)."""
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery, deployment(nursery) as p:
-            stop = trio.Event()
-            streams = [SeqStream(p.port, i) for i in range(5)]
-            for s in streams:
-                nursery.start_soon(s.run, stop)
+            ss = StreamSet(p.port, 5).start(nursery)
+            streams = ss.streams
             await wait_until(streams_progress(streams))
             assert metric(p, "proxy_build_info", version="9.9.9") == 0
             shutil.copytree(ROOT / "proxy", p.dir / "proxy",
@@ -395,8 +375,7 @@ async def test_new_code_on_disk_becomes_the_next_generation() -> None:
             version = "9.9.9+" + __version__  # what the copy on disk now says
             assert metric(p, "proxy_build_info", version=version) == 1
             await wait_until(streams_progress(streams))
-            stop.set()
-            await wait_until(lambda: not any(s.open for s in streams))
+            await ss.finish()
             nursery.cancel_scope.cancel()
     assert_clean(streams)
 
@@ -436,10 +415,8 @@ async def test_a_lying_peer_mid_handover_changes_nothing(ids: list[object]) -> N
 
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery, deployment(nursery) as p:
-            stop = trio.Event()
-            streams = [SeqStream(p.port, i) for i in range(6)]
-            for s in streams:
-                nursery.start_soon(s.run, stop)
+            ss = StreamSet(p.port, 6).start(nursery)
+            streams = ss.streams
             await wait_until(streams_progress(streams))
             sock = socket.socket(socket.AF_UNIX)
             sock.connect(str(p.dir / "tk"))
@@ -464,7 +441,6 @@ async def test_a_lying_peer_mid_handover_changes_nothing(ids: list[object]) -> N
             assert metric(p, "proxy_upgrades_total", result="failed") == 1
             await upgrade(p)  # and a real upgrade still goes through
             await wait_until(streams_progress(streams))
-            stop.set()
-            await wait_until(lambda: not any(s.open for s in streams))
+            await ss.finish()
             nursery.cancel_scope.cancel()
     assert_clean(streams)

@@ -8,6 +8,7 @@ records its worst gap between replies (the stall an upgrade caused).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -109,3 +110,27 @@ class ShortConns:
                     trio.BrokenResourceError) as exc:
                 self.failures.append(f"#{n}: {type(exc).__name__}: {exc}")
             await trio.sleep(0.002)
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float = 15.0) -> None:
+    """Poll `cond` until true; fail after `timeout` seconds."""
+    with trio.fail_after(timeout):
+        while not cond():
+            await trio.sleep(0.01)
+
+
+class StreamSet:
+    """N sequence-checked streams through a proxy port, started in a nursery, stopped together."""
+
+    def __init__(self, port: int, n: int) -> None:
+        self.stop = trio.Event()
+        self.streams = [SeqStream(port, i) for i in range(n)]
+
+    def start(self, nursery: trio.Nursery) -> StreamSet:
+        for s in self.streams:
+            nursery.start_soon(s.run, self.stop)
+        return self
+
+    async def finish(self) -> None:
+        self.stop.set()
+        await wait_until(lambda: not any(s.open for s in self.streams))
