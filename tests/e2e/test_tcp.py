@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -281,7 +282,8 @@ def netns_backend() -> Iterator[tuple[str, str]]:
              f"s=socket.create_server(('{b}',7777))\n"
              "def h(c):\n"
              "  while d:=c.recv(65536): c.sendall(d)\n"
-             "while True: threading.Thread(target=h,args=(s.accept()[0],)).start()"])
+             "while True: threading.Thread(target=h,args=(s.accept()[0],)).start()"],
+            start_new_session=True)  # its own process group: socat forks a child per client
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -292,7 +294,8 @@ def netns_backend() -> Iterator[tuple[str, str]]:
         yield f"{b}:7777", ns
     finally:
         if server is not None:
-            server.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)  # the server and every child it forked
             server.wait(timeout=5)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
         subprocess.run(["ip", "link", "del", here], capture_output=True, timeout=10)
