@@ -22,7 +22,6 @@ from proxy.server import Server
 from proxy.upgrade import Phase, TakeoverRefused, Upgrader, bind_channel, take_over
 
 EXIT_OK = 0
-EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
 
 

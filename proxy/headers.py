@@ -64,9 +64,10 @@ def _strip_hop_by_hop(headers: HeadersIn, keep_upgrade: bool) -> Headers:
     return [(k, v) for k, v in headers if k not in drop]
 
 
-def upstream_request(headers: HeadersIn, client_ip: str, proto: bytes = b"http") -> Headers:
-    """The request headers to send upstream."""
-    tunnel = wants_upgrade(headers)
+def upstream_request(headers: HeadersIn, client_ip: str, tunnel: bool,
+                     proto: bytes = b"http") -> Headers:
+    """The request headers to send upstream (`tunnel`: the request asks for an Upgrade, see
+    wants_upgrade; the caller has decided that already)."""
     out = _strip_hop_by_hop(headers, keep_upgrade=tunnel)
     out = [(k, v) for k, v in out if k not in (b"x-forwarded-proto", b"x-forwarded-host",
                                                    b"expect", b"via")]

@@ -109,11 +109,6 @@ class Pool:
         up.since = now
         q.append(up)
 
-    def close_all(self) -> None:
-        for q in self.idle.values():
-            while q:
-                q.pop().close()
-
 
 def _still_idle(sock: socket.socket) -> bool:
     """An idle upstream connection must have nothing to read: EOF or stray bytes mean dead."""
@@ -395,12 +390,12 @@ class HttpClient:
         if self.conn.they_are_waiting_for_100_continue:
             # We answer Expect ourselves (as nginx does) so the body flows at once.
             await self._to_client(h11.InformationalResponse(status_code=100, headers=[]))
-        up_headers = hdr.upstream_request(headers, self.client_ip)
+        tunnel = hdr.wants_upgrade(headers)
+        up_headers = hdr.upstream_request(headers, self.client_ip, tunnel)
         length = hdr.get(headers, b"content-length")
         has_body = (length is not None and length != b"0") or (
             hdr.get(headers, b"transfer-encoding") is not None)
         retryable = hdr.idempotent(req.method) and not has_body
-        tunnel = hdr.wants_upgrade(headers)
         fresh = False
         for _ in range(2):
             try:

@@ -280,9 +280,9 @@ class Server:
         lr = conn.lr
         assert lr is not None
         bal = self.balancers[lr.cfg.upstream]
-        self.busy += 1
         try:
-            usock, conn.server = await upstream.connect(bal, self._count_connect_failure(bal))
+            with self.working():  # a connect in progress cannot move to the next generation
+                usock, conn.server = await upstream.connect(bal, self._count_connect_failure(bal))
         except upstream.NoUpstream as exc:
             log.warning("no_upstream", listener=conn.listener, client=conn.client, reason=str(exc))
             csock.close()
@@ -292,8 +292,6 @@ class Server:
             csock.close()
             self.forget(conn)
             raise
-        finally:
-            self.busy -= 1
         conn.handler = self._relay(conn.listener, csock, usock, None, lr.cfg)
         log.debug("conn_open", id=conn.id, listener=conn.listener, client=conn.client,
                   server=str(conn.server.addr))
@@ -336,8 +334,7 @@ class Server:
 
     def resume(self, conn: Conn) -> None:
         """Restart a paused handler here (the next generation did not take it)."""
-        assert self.handlers is not None
-        self.handlers.start_soon(self.run_handler, conn)
+        self.spawn(self.run_handler, conn)
 
     def adopt(self, listener: str, mode: str, client: str, server: str, fds: list[int],
               state: PairSnapshot) -> Conn:
@@ -349,19 +346,16 @@ class Server:
         if mode == "http" and lr is not None and lr.http is not None:
             conn.handler = HttpClient(lr.http, socks[0], client, buffered=state.c2u.pending,
                                       eof=state.c2u.eof)
-        elif mode == "http":  # the listener is gone from the config: finish nothing, close
+        elif mode == "http":  # the listener is gone from the config: close (the conn never runs)
             for sk in socks:
                 sk.close()
             log.warning("adopt_dropped", listener=listener, reason="no http listener by that name")
-            self._add(conn)
-            self.forget(conn)
             return conn
         else:
             bal = self.balancers.get(lr.cfg.upstream) if lr else None
-            for s in bal.servers if bal else ():
-                if str(s.addr) == server:
-                    conn.server = s
-                    s.active += 1
+            conn.server = bal.state_of(server) if bal else None
+            if conn.server is not None:
+                conn.server.active += 1
             conn.handler = self._relay(listener, socks[0], socks[1], state, lr.cfg if lr else None)
         self._add(conn)
         return conn

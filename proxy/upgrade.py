@@ -78,7 +78,6 @@ HELLO_TIMEOUT = 5.0  # after DONE, how long the old generation waits for the new
 
 
 class Phase(Enum):
-    STARTING = "starting"
     TAKING_OVER = "taking_over"
     SERVING = "serving"
     SPAWNING = "spawning"
@@ -295,13 +294,9 @@ class Upgrader:
 
                 async def released() -> None:
                     nonlocal outcome
-                    while self.phase not in (Phase.RELEASED, Phase.DONE) or self.failure:
-                        if self.failure:
-                            outcome = self.failure
-                            break
+                    while not self.failure and self.phase not in (Phase.RELEASED, Phase.DONE):
                         await self.wait_session_change()
-                    else:
-                        outcome = "ok"
+                    outcome = self.failure or "ok"
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(exited)

@@ -43,7 +43,7 @@ class Balancer:
     def __init__(self, cfg: Upstream) -> None:
         self.cfg = cfg
         self.servers = [ServerState(a) for a in cfg.servers]
-        self._by_addr = {s.addr: s for s in self.servers}
+        self._by_name = {str(s.addr): s for s in self.servers}
         self._next = 0
 
     def order(self, now: float) -> list[ServerState]:
@@ -71,8 +71,9 @@ class Balancer:
             return True
         return False
 
-    def state_of(self, addr: Address) -> ServerState | None:
-        return self._by_addr.get(addr)
+    def state_of(self, name: str) -> ServerState | None:
+        """The server whose address is `name` ("host:port", as it travels in a takeover)."""
+        return self._by_name.get(name)
 
 
 async def _resolve(addr: Address) -> tuple[int, tuple[str, int]]:

@@ -16,7 +16,7 @@ def test_upstream_request_strips_hop_by_hop_and_adds_forwarding() -> None:
               (b"x-forwarded-for", b"1.2.3.4"), (b"x-forwarded-proto", b"https"),
               (b"x-forwarded-host", b"evil"), (b"via", b"1.0 edge"), (b"expect", b"100-continue"),
               (b"upgrade", b"websocket")]
-    assert hdr.upstream_request(req, "10.0.0.7") == [
+    assert hdr.upstream_request(req, "10.0.0.7", hdr.wants_upgrade(req)) == [
         (b"host", b"example.com"), (b"accept", b"*/*"),
         (b"x-forwarded-for", b"1.2.3.4, 10.0.0.7"), (b"x-forwarded-proto", b"http"),
         (b"x-forwarded-host", b"example.com"), (b"via", b"1.0 edge, 1.1 proxy")]
@@ -25,7 +25,7 @@ def test_upstream_request_strips_hop_by_hop_and_adds_forwarding() -> None:
 def test_upstream_request_keeps_upgrade_for_a_tunnel_and_chunked_framing() -> None:
     req: H = [(b"host", b"h"), (b"connection", b"Upgrade"), (b"upgrade", b"websocket"),
               (b"transfer-encoding", b"chunked")]
-    out = hdr.upstream_request(req, "::1")
+    out = hdr.upstream_request(req, "::1", hdr.wants_upgrade(req))
     assert (b"upgrade", b"websocket") in out and (b"connection", b"upgrade") in out
     assert (b"transfer-encoding", b"chunked") in out and (b"x-forwarded-for", b"::1") in out
 
