@@ -43,6 +43,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from proxy import pidfile
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
 LOOPBACK = "127.0.0.1"
@@ -134,16 +136,11 @@ def become_subreaper() -> bool:
 
 
 def alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie (a zombie child of ours is reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    if state == "Z":
-        reap(pid)
-        return False
-    return True
+    """proxy.pidfile.alive, reaping the pid when it is a zombie child of ours."""
+    if pidfile.alive(pid):
+        return True
+    reap(pid)
+    return False
 
 
 def reap(pid: int) -> None:

@@ -33,6 +33,8 @@ import yaml
 
 from proxy import config as proxy_config
 from proxy.metrics import Metrics
+from proxy.pidfile import alive
+from tests.support.backends import dead_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -436,23 +438,6 @@ def test_alerts_fire_when_they_should(tmp_path: Path) -> None:
 
 # ---- sd_notify across a hot upgrade ---------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
 def ours(pid: int, cfg: Path) -> bool:
     """`pid` is a proxy generation started with our config (never signal anything else)."""
     try:
@@ -544,7 +529,7 @@ def test_sd_notify_ready_and_mainpid_follow_a_hot_upgrade(short_dir: Path) -> No
         'upstream = "app"\n'
         "\n[upstream.app]\n"
         # never connected: nothing dials the listener in this test
-        f'servers = ["127.0.0.1:{free_port()}"]\n')
+        f'servers = ["127.0.0.1:{dead_port()}"]\n')
     notify = NotifySocket(short_dir / "notify")
     env = {k: v for k, v in os.environ.items()
            if k not in ("NOTIFY_SOCKET", "PROXY_TEST_FAULT_FILE")}
