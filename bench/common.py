@@ -431,7 +431,7 @@ class Upgrade:
     t_signal: float = 0.0
     t_serving: float = 0.0  # the pidfile names the new generation
     t_old_exit: float = 0.0  # the old generation is gone
-    handover_ms: float = float("nan")  # from the old side's `phase=released` line
+    handover_ms: float = float("nan")  # from the old side's `handed_over` line
     moved: int = -1
     done_moved: int = -1  # from the old side's `phase=done` line (incl. moved after RELEASED)
     boot_ms: float = float("nan")  # old side's log: phase=spawning -> phase=handover (the new
@@ -537,7 +537,7 @@ class ProxyProcess(Service):
     def upgrade(self, timeout: float = 60.0, poll: float = 0.0005) -> Upgrade:
         """SIGUSR2 to the pid in the pidfile; time until the pidfile names another process
         (new generation serving) and until the old pid is gone; read the old side's
-        `phase=released moved=N handover_ms=X` line."""
+        `handed_over moved=N handover_ms=X` line."""
         old = self.serving_pid()
         if old is None:
             raise RuntimeError(f"proxy: no serving pid; log tail:\n{tail(self.log)}")
@@ -560,7 +560,7 @@ class ProxyProcess(Service):
         else:
             raise RuntimeError(f"proxy: upgrade of pid {old} did not complete within {timeout}s;"
                                f" log tail:\n{tail(self.log)}")
-        m = self.wait_log(rf"event=phase gen=\d+ pid={old} .*phase=released moved=(\d+) "
+        m = self.wait_log(rf"event=handed_over gen=\d+ pid={old} moved=(\d+) "
                           rf"handover_ms=([\d.]+)", 5.0, mark)
         up.moved, up.handover_ms = int(m.group(1)), float(m.group(2))
         text = self.text(mark)

@@ -11,7 +11,7 @@ or no reply within `--timeout`.
 
 Then K times: SIGUSR2 to the pid in the pidfile; poll until the pidfile names another process
 (SIGUSR2 -> serving) and the old pid is gone (SIGUSR2 -> old exit); read the old generation's
-`event=phase ... phase=released moved=N handover_ms=X` line (pausing, sending and getting ACKs
+`event=handed_over moved=N handover_ms=X` line (pausing, sending and getting ACKs
 for the N pairs); wait `--settle` seconds.
 
 Stall: for each upgrade, every burst in flight at some point of [SIGUSR2, old exit] counts;

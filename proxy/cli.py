@@ -85,35 +85,34 @@ def _raise_nofile() -> None:
 
 
 def upgrade(cfg: config.Config, timeout: float | None) -> int:
-    """Signal the serving generation and wait until a new pid serves (0) or the attempt is
-    reported failed in the status file beside the pidfile (1, with the reason)."""
+    """Signal the serving generation and wait for the outcome of the attempt that answers this
+    signal: the first one that began after it (an attempt answers every signal that came before
+    it began, so a signal queued behind a running attempt is answered by the next one)."""
     old = pidfile.read(cfg.proxy.pidfile)
     if old is None:
         print(f"proxy upgrade: no pid in {cfg.proxy.pidfile}", file=sys.stderr)
         return 1
-    started = time.time()
+    sent = time.time()
     try:
         os.kill(old, signal.SIGUSR2)
     except ProcessLookupError:
         print(f"proxy upgrade: pid {old} from {cfg.proxy.pidfile} is not running", file=sys.stderr)
         return 1
-    deadline = time.monotonic() + (timeout or cfg.proxy.upgrade_timeout + 5.0)
+    # A queued signal waits for the attempt in progress (at most upgrade_timeout) first.
+    deadline = time.monotonic() + (timeout or 2 * cfg.proxy.upgrade_timeout + 5.0)
     while time.monotonic() < deadline:
-        pid = pidfile.read(cfg.proxy.pidfile)
-        if pid is not None and pid != old and pidfile.alive(pid):
-            print(f"upgraded: pid {old} -> {pid}")
-            return 0
-        status = pidfile.read_status(cfg.proxy.pidfile)
-        if (status and status.get("result") == "failed" and status.get("pid") == old
-                and float(status.get("at", 0)) >= started):
-            print(f"proxy upgrade: rolled back: {status.get('reason')}; pid {old} still serves",
-                  file=sys.stderr)
+        for a in pidfile.attempts_since(cfg.proxy.pidfile, sent):
+            if a.get("result") == "success":
+                print(f"upgraded: pid {a.get('old_pid')} -> {a.get('new_pid')}")
+                return 0
+            print(f"proxy upgrade: rolled back: {a.get('reason')}; pid {a.get('old_pid')} "
+                  "still serves", file=sys.stderr)
             return 1
-        if not pidfile.alive(old) and pid == old:
-            print(f"proxy upgrade: pid {old} exited and nothing replaced it", file=sys.stderr)
+        serving = pidfile.read(cfg.proxy.pidfile)
+        if serving is None or not pidfile.alive(serving):
+            print(f"proxy upgrade: pid {serving} exited and nothing replaced it", file=sys.stderr)
             return 1
-        time.sleep(0.05)
+        time.sleep(0.02)
     print(f"proxy upgrade: no outcome within the timeout; pid {pidfile.read(cfg.proxy.pidfile)}"
           " serves (see its log)", file=sys.stderr)
     return 1
-

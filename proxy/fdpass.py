@@ -1,8 +1,8 @@
 """The only module that calls sendmsg/recvmsg with SCM_RIGHTS (and reads SO_PEERCRED).
 
 `send()` writes a frame with its fds attached to the first byte; `recv()` does one recvmsg and
-feeds bytes and fds into a takeover `Codec`. Fds received are owned by the codec's caller
-(`upgrade.py`), which closes those no frame claimed. Sockets are non-blocking; every wait is
+feeds bytes and fds into a takeover `Session` (whose framer owns the fds from then on and closes
+those no event claimed). Sockets are non-blocking; every wait is
 trio's `wait_readable` / `wait_writable`, so callers bound them with `fail_after`.
 """
 
@@ -15,7 +15,8 @@ import struct
 
 import trio
 
-from proxy.takeover import MAX_FDS, Codec, ProtocolError
+from proxy.frames import MAX_FDS, ProtocolError
+from proxy.takeover import Session
 
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 _PEERCRED = struct.Struct("3i")
@@ -47,8 +48,8 @@ async def send(sock: socket.socket, data: bytes, fds: list[int]) -> None:
     await trio.lowlevel.checkpoint()
 
 
-async def recv(sock: socket.socket, codec: Codec, size: int = 1 << 20) -> None:
-    """One recvmsg into `codec`. Raises EOFError at end of stream, ProtocolError when the
+async def recv(sock: socket.socket, session: Session, size: int = 1 << 20) -> None:
+    """One recvmsg into `session`. Raises EOFError at end of stream, ProtocolError when the
     kernel had to truncate the fds (they are closed; the peer is to be dropped)."""
     while True:
         try:
@@ -67,9 +68,9 @@ async def recv(sock: socket.socket, codec: Codec, size: int = 1 << 20) -> None:
         for fd in fds:
             os.close(fd)
         raise ProtocolError("ancillary data truncated: too many fds in one message")
-    codec.receive_fds(fds)
+    session.receive_fds(fds)
     if data:
-        codec.receive_data(data)
+        session.receive_data(data)
     elif not fds:
         raise EOFError("takeover peer closed the channel")
     await trio.lowlevel.checkpoint()

@@ -37,11 +37,11 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 
 import trio
 
 from proxy import log
+from proxy.movable import DirectionSnapshot, PairSnapshot, State
 
 RECV_SIZE = 65536  # a recv this full marks a direction as bulk: it switches to splice
 PIPE_SIZE = 1 << 20  # splice pipe capacity asked for (fs.pipe-max-size caps it)
@@ -56,21 +56,6 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 ByteCount = Callable[[int], None]
 Spawn = Callable[..., object]  # a nursery's start_soon: where a relay runs its second pump
-
-
-@dataclass(frozen=True)
-class DirectionSnapshot:
-    pending: bytes = b""  # read from the source, not yet written to the destination
-    eof: bool = False  # the source reached EOF
-    shut: bool = False  # shutdown(SHUT_WR) was done on the destination
-
-
-@dataclass(frozen=True)
-class PairSnapshot:
-    """Everything a relay needs, besides its two fds, to carry on in another process."""
-
-    c2u: DirectionSnapshot = DirectionSnapshot()
-    u2c: DirectionSnapshot = DirectionSnapshot()
 
 
 @dataclass(eq=False)
@@ -104,14 +89,6 @@ class Direction:
             os.close(self.pipe[0])
             os.close(self.pipe[1])
             self.pipe = None
-
-
-class State(Enum):
-    NEW = "new"
-    RUNNING = "running"
-    PAUSED = "paused"
-    CLOSED = "closed"
-    TUNNEL = "tunnel"  # an http client connection that became a tcp relay
 
 
 class PeerGone(Exception):

@@ -2,8 +2,9 @@
 
 `run()` is what `python -m proxy run` executes. It opens the signal receiver first (so a SIGTERM
 during start-up is a graceful stop, not a crash), then either binds everything (first
-generation) or takes over from the generation serving on the takeover channel, then serves until
-a graceful stop or until it has handed everything to the next generation.
+generation) or takes over from the generation serving on the takeover channel (`adopt.py`),
+then serves until a graceful stop or until it has handed everything to the next generation
+(`upgrade.py`). SIGUSR2 goes to `Upgrader.request_upgrade()`, which never drops one.
 """
 
 from __future__ import annotations
@@ -16,25 +17,20 @@ from functools import partial
 import trio
 
 from proxy import __version__, log, metrics_http, notify, pidfile
+from proxy.adopt import Serving, TakeoverRefused, take_over
+from proxy.channel import bind_channel
 from proxy.config import Config
 from proxy.metrics import Metrics
 from proxy.server import Server
-from proxy.upgrade import Phase, TakeoverRefused, Upgrader, bind_channel, take_over
+from proxy.upgrade import Phase, Upgrader
 
 EXIT_OK = 0
+EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 
 
 class StartupError(Exception):
     """The generation could not start (its cause is in the message); the CLI exits 1."""
-
-
-def _title(text: str) -> None:
-    try:
-        import setproctitle
-    except ImportError:  # pragma: no cover - setproctitle is a dependency; titles are cosmetic
-        return
-    setproctitle.setproctitle(f"proxy: {text}")
 
 
 async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
@@ -44,45 +40,49 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
     exit_now = trio.Event()
     code = EXIT_OK
     stop_requested = False
-    _title("generation ? starting")
+    takeover_scope = trio.CancelScope()
+    notify.title("generation ? starting")
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR2) as sigs:
         async with trio.open_nursery() as root:
             await root.start(server.host_handlers)
-            upgrader = Upgrader(cfg, server, metrics, 1, argv, root.start_soon, exit_now)
-
-            def on_serving(generation: int) -> None:
-                root.start_soon(server.accept_all)
-                upgrader.generation = generation
-                pidfile.write(cfg.proxy.pidfile)
-                _title(f"generation {generation} serving")
-                upgrader.set_phase(Phase.SERVING, version=__version__)
-                # Last: whoever waits for READY (systemd) finds everything above done.
-                notify.notify(f"MAINPID={os.getpid()}", "READY=1")
+            upgrader = Upgrader(cfg, server, metrics, argv, root.start_soon, exit_now)
 
             def on_channel(sock: socket.socket) -> None:
                 root.start_soon(upgrader.serve_channel, sock)
 
+            def on_serving(s: Serving) -> None:
+                root.start_soon(server.accept_all)
+                if s.channel is not None:
+                    on_channel(s.channel)
+                pidfile.write(cfg.proxy.pidfile)
+                notify.title(f"generation {s.generation} serving")
+                upgrader.set_phase(Phase.SERVING, version=__version__)
+                upgrader.became_serving(s.generation, s.upgrade_pending)
+                # Last: whoever waits for READY (systemd) finds everything above done.
+                notify.notify(f"MAINPID={os.getpid()}", "READY=1")
+
+            def on_abort(reason: str) -> None:
+                nonlocal code
+                code = EXIT_FAILED
+                exit_now.set()
+
             async def stop(hard: bool) -> None:
                 nonlocal code
-                upgrader.stopping = True
                 if hard:
                     code = EXIT_INTERRUPTED
                     log.warning("stop_now")
                     exit_now.set()
                     return
+                was_serving = upgrader.serving
                 upgrader.set_phase(Phase.DRAINING, connections=len(server.conns))
-                _title(f"generation {upgrader.generation} draining")
+                notify.title(f"generation {upgrader.generation} draining")
                 server.stop_accepting()
-                if upgrader.session_scope is not None:
-                    upgrader.failure = "stopping"
-                    upgrader.session_scope.cancel()
-                    await upgrader.session_done.wait()
-                    server.stop_accepting()  # a rollback may have restarted accepting
+                takeover_scope.cancel()  # a takeover in progress ABORTs (before or after RELEASED)
+                await upgrader.stop()
+                server.stop_accepting()  # a rollback may have restarted accepting
                 server.close_listeners()
                 server.close_idle()
-                upgrader.channel_scope.cancel()
-                if upgrader.channel_sock is not None and pidfile.read(cfg.proxy.pidfile) in (
-                        None, os.getpid()):
+                if was_serving and pidfile.read(cfg.proxy.pidfile) in (None, os.getpid()):
                     cfg.proxy.takeover_socket.unlink(missing_ok=True)
                 drained = await server.drain(cfg.proxy.drain_timeout)
                 log.info("stopped", drained=drained, left=len(server.conns))
@@ -93,10 +93,7 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
                 nonlocal stop_requested
                 async for sig in sigs:
                     if sig == signal.SIGUSR2:
-                        if upgrader.channel_sock is None:
-                            log.warning("upgrade_ignored", reason="still taking over")
-                        else:
-                            root.start_soon(upgrader.upgrade)
+                        upgrader.request_upgrade()
                     elif stop_requested:
                         if sig == signal.SIGINT:
                             root.start_soon(stop, True)
@@ -105,17 +102,21 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
                         log.info("stop_requested", signal=signal.Signals(sig).name)
                         root.start_soon(stop, False)
 
+            async def taking_over(task_status: trio.TaskStatus[int]) -> None:
+                with takeover_scope:
+                    await take_over(cfg, server, metrics, on_serving, on_channel, on_abort,
+                                    task_status=task_status)
+
             root.start_soon(signals)
             root.start_soon(server.sweep_idle)
             try:
                 if takeover:
-                    _title("generation ? taking over")
-                    await root.start(take_over, cfg, server, metrics, on_serving, on_channel)
+                    notify.title("generation ? taking over")
+                    await root.start(taking_over)
                 else:
                     chan = bind_channel(cfg.proxy.takeover_socket)
                     server.open_listeners({})
-                    on_serving(1)
-                    root.start_soon(upgrader.serve_channel, chan)
+                    on_serving(Serving(1, False, chan))
             except (OSError, TakeoverRefused) as exc:
                 raise StartupError(str(exc)) from exc
             await exit_now.wait()

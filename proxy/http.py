@@ -40,8 +40,9 @@ import trio
 from proxy import headers as hdr
 from proxy import log
 from proxy.config import Address, Listener, Upstream
-from proxy.forward import DirectionSnapshot, PairSnapshot, Relay, State
+from proxy.forward import Relay
 from proxy.metrics import Metrics
+from proxy.movable import DirectionSnapshot, PairSnapshot, State
 from proxy.upstream import Balancer, NoUpstream, ServerState, connect
 
 RECV_SIZE = 65536

@@ -214,3 +214,21 @@ class Metrics(Collector):
 def _check_number(name: str, v: object) -> None:
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
         raise ValueError(f"metrics snapshot: bad value in {name}")
+
+
+def delta(now: dict[str, list[Any]], base: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """What was counted between two snapshots of the same registry (`base` first): what an old
+    generation sends in DONE for what it counted after RELEASED."""
+    out: dict[str, list[Any]] = {}
+    for name, rows in now.items():
+        before = {tuple(lv): v for lv, v in base.get(name, [])}
+        diff = []
+        for lv, v in rows:
+            b = before.get(tuple(lv))
+            if isinstance(v, list):
+                bc, bs = b if b is not None else ([0.0] * len(v[0]), 0.0)
+                diff.append([lv, [[x - y for x, y in zip(v[0], bc, strict=True)], v[1] - bs]])
+            else:
+                diff.append([lv, v - (b or 0.0)])
+        out[name] = diff
+    return out

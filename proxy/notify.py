@@ -1,4 +1,5 @@
-"""sd_notify: tell systemd (or whoever set $NOTIFY_SOCKET) that this process serves now."""
+"""What the outside sees of a process: sd_notify (systemd, or whoever set $NOTIFY_SOCKET) and
+the `ps` title (`proxy: generation N serving|handing over|draining|taking over`)."""
 
 from __future__ import annotations
 
@@ -21,3 +22,12 @@ def notify(*fields: str) -> bool:
         log.warning("sd_notify_failed", socket=path, error=str(exc))
         return False
     return True
+
+
+def title(text: str) -> None:
+    """Set the process title to `proxy: <text>` (cosmetic: a no-op without setproctitle)."""
+    try:
+        import setproctitle
+    except ImportError:  # pragma: no cover - setproctitle is a dependency
+        return
+    setproctitle.setproctitle(f"proxy: {text}")

@@ -9,7 +9,8 @@ next generation is paused and removed from the table, never cancelled.
 Fd ownership: listening sockets belong to the `Server` (closed by `close_listeners()`); an
 accepted client socket belongs to its handler until a `Relay` is built, then to the relay; a
 paused relay belongs to the upgrader, which closes it once the next generation acknowledged it or
-resumes it here with `resume()`.
+resumes it here (`resume_exported()`). The upgrader speaks records and ids only: `pick_movable`,
+`export`, `acknowledge`, `resume_exported` on the old side, `adopt` and `start` on the new one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import os
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,9 +27,11 @@ import trio
 
 from proxy import log, sockopts, upstream
 from proxy.config import Address, Config, Listener
-from proxy.forward import PairSnapshot, Relay, State
+from proxy.forward import Relay
 from proxy.http import Hold, HttpClient, HttpSide, Pool
 from proxy.metrics import Metrics
+from proxy.movable import PairSnapshot, State
+from proxy.takeover import ConnRecord
 
 # Accept errors that mean "out of a resource", not "this client failed": back off and keep
 # serving. (The same set trio's serve_listeners and HAProxy treat as capacity problems.)
@@ -99,6 +103,8 @@ class Server:
         self.accepting = False
         self.changed = trio.lowlevel.ParkingLot()  # woken when a conn ends or becomes movable
         self._ids = itertools.count(1)
+        self._exported: dict[int, Conn] = {}  # paused and sent, not acknowledged: still ours
+        self._adopted: dict[int, Conn] = {}  # received, not started yet
         self._handlers_scope = trio.CancelScope()
         self.metrics_handler: Callable[[socket.socket], Awaitable[None]] | None = None
 
@@ -197,6 +203,9 @@ class Server:
                 csock, addr = lsock.accept()
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(lsock)
+                # Woken in the same pass as stop_accepting() cancelled us: do not accept one
+                # more (it would be counted after the handover's metrics snapshot).
+                await trio.lowlevel.checkpoint_if_cancelled()
                 continue
             except OSError as exc:
                 if exc.errno in ACCEPT_SKIP_ERRNOS:
@@ -332,33 +341,115 @@ class Server:
                 self.forget(conn)
             return
 
-    def resume(self, conn: Conn) -> None:
-        """Restart a paused handler here (the next generation did not take it)."""
-        self.spawn(self.run_handler, conn)
+    # ---- moving connections (the upgrader speaks records and ids, never Conn) ----------------
 
-    def adopt(self, listener: str, mode: str, client: str, server: str, fds: list[int],
-              state: PairSnapshot) -> Conn:
-        """A connection received from the previous generation: in the table, not running yet.
-        Takes ownership of `fds` (one for http, client + upstream for tcp and tunnels)."""
-        lr = self.listeners.get(listener)
-        conn = Conn(next(self._ids), listener, mode, client, lr)
-        socks = [socket.socket(fileno=fd) for fd in fds]
-        if mode == "http" and lr is not None and lr.http is not None:
-            conn.handler = HttpClient(lr.http, socks[0], client, buffered=state.c2u.pending,
-                                      eof=state.c2u.eof)
-        elif mode == "http":  # the listener is gone from the config: close (the conn never runs)
+    def pick_movable(self, max_conns: int, max_fds: int) -> list[int]:
+        """Ids of up to `max_conns` movable connections whose fds fit in `max_fds`."""
+        out: list[int] = []
+        nfds = 0
+        for c in self.conns.values():
+            if c.handler is None or not c.handler.movable():
+                continue
+            k = len(c.handler.fds())
+            if nfds + k > max_fds or len(out) >= max_conns:
+                break
+            out.append(c.id)
+            nfds += k
+        return out
+
+    async def export(self, ids: list[int]) -> tuple[list[ConnRecord], list[int]]:
+        """Pause these connections and describe them: records and their fds (still ours, for
+        SCM_RIGHTS copies) for those that did not finish meanwhile. They stay in the table,
+        paused, until `acknowledge()` or `resume_exported()`."""
+        conns = [self.conns[i] for i in ids if i in self.conns]
+        for c in conns:
+            assert c.handler is not None
+            c.handler.request_pause()  # all at once: one scheduler pass stops the whole batch
+        records: list[ConnRecord] = []
+        fds: list[int] = []
+        for c in conns:
+            assert c.handler is not None
+            snap = await c.handler.pause()
+            if snap is None:  # finished on its own meanwhile; run_handler forgets it
+                continue
+            server = str(c.server.addr) if c.server is not None else ""
+            records.append(ConnRecord(c.id, c.listener, c.mode, c.client, server, snap))
+            fds.extend(c.handler.fds())
+            self._exported[c.id] = c
+        return records, fds
+
+    def acknowledge(self, ids: tuple[int, ...] | list[int]) -> int:
+        """The next generation owns these now: close our copies and forget them."""
+        n = 0
+        for cid in ids:
+            c = self._exported.pop(cid, None)
+            if c is None or c.handler is None:
+                continue
+            c.handler.close()
+            self.forget(c)
+            self.metrics.handover_connections.labels(c.mode).inc()
+            n += 1
+        return n
+
+    def resume_exported(self) -> int:
+        """Resume here every exported connection nobody acknowledged (a rollback)."""
+        conns = list(self._exported.values())
+        self._exported.clear()
+        for c in conns:
+            self.spawn(self.run_handler, c)
+        return len(conns)
+
+    def adopt(self, rec: ConnRecord, fds: list[int]) -> int:
+        """A connection received from the previous generation: in the table, not running yet
+        (`start()` runs it). Takes ownership of `fds` (closed here on any error)."""
+        socks = []
+        try:
+            for fd in fds:
+                socks.append(socket.socket(fileno=fd))
+        except BaseException:
+            for fd in fds[len(socks):]:
+                os.close(fd)
             for sk in socks:
                 sk.close()
-            log.warning("adopt_dropped", listener=listener, reason="no http listener by that name")
-            return conn
+            raise
+        lr = self.listeners.get(rec.listener)
+        conn = Conn(next(self._ids), rec.listener, rec.mode, rec.client, lr)
+        state = rec.state
+        if rec.mode == "http" and lr is not None and lr.http is not None:
+            conn.handler = HttpClient(lr.http, socks[0], rec.client,
+                                      buffered=state.c2u.pending, eof=state.c2u.eof)
+        elif rec.mode == "http":  # the listener is gone from the config: close, never run
+            for sk in socks:
+                sk.close()
+            log.warning("adopt_dropped", listener=rec.listener,
+                        reason="no http listener by that name")
+            return conn.id
         else:
             bal = self.balancers.get(lr.cfg.upstream) if lr else None
-            conn.server = bal.state_of(server) if bal else None
+            conn.server = bal.state_of(rec.server) if bal else None
             if conn.server is not None:
                 conn.server.active += 1
-            conn.handler = self._relay(listener, socks[0], socks[1], state, lr.cfg if lr else None)
+            conn.handler = self._relay(rec.listener, socks[0], socks[1], state,
+                                       lr.cfg if lr else None)
         self._add(conn)
-        return conn
+        self._adopted[conn.id] = conn
+        return conn.id
+
+    def drop_adopted(self) -> None:
+        """Close adopted connections never started (their batch was not ACKed: the previous
+        generation still owns them and resumes its own copies)."""
+        for c in list(self._adopted.values()):
+            if c.handler is not None:
+                c.handler.close()
+            self.forget(c)
+        self._adopted.clear()
+
+    def start(self, ids: list[int]) -> None:
+        """Run adopted connections."""
+        for cid in ids:
+            c = self._adopted.pop(cid, None)
+            if c is not None:
+                self.spawn(self.run_handler, c)
 
     async def sweep_idle(self) -> None:
         """One task for every pair's idle_timeout: look at each relay a few times per timeout."""
@@ -379,9 +470,6 @@ class Server:
         for c in self.conns.values():
             if isinstance(c.handler, HttpClient):
                 c.handler.request_close()
-
-    def movable(self) -> list[Conn]:
-        return [c for c in self.conns.values() if c.handler is not None and c.handler.movable()]
 
     def holds_nothing(self) -> bool:
         return not self.conns and self.busy == 0

@@ -1,71 +1,84 @@
-"""Sans-IO codec of the takeover channel: bytes and fds in, messages out (and back).
+"""The takeover protocol's one home, sans-IO: typed events, their wire form, and the `Session`
+state machine each side runs (old = the serving generation, new = the one taking over).
 
-No I/O here and no trio: `upgrade.py` feeds what `fdpass.py` received and writes what `send()`
-returns. Modelled on h11: `receive_data()`, `receive_fds()`, `next_message()`, `send()`.
+No trio and no sockets here (importing this module must not import trio): the adapters
+(`channel.py`, driven by `upgrade.py` on the old side and `adopt.py` on the new side) feed bytes
+and fds in and send what `Session.send()` returns. Modelled on h11's `_state.py`: everything
+that affects a transition lives in `TRANSITIONS` and `SENDER` below, and anything else raises
+`ProtocolError` (the peer's fault: drop it) or `LocalProtocolError` (ours: nothing was sent).
 
-Wire format (version 1)
------------------------
-Every message is one frame on the Unix stream socket:
+Theory of operation
+-------------------
+    new                                   old (serving)
+    HELLO {pid, release, protocols}  -->                 new offers a range of protocol versions
+                                     <--  WELCOME {pid, generation, protocol, ...}  old picks one
+                                          (or ABORT: no common version)
+                                     <--  LISTENERS {keys}  + one fd per listening socket
+    READY {}                         -->                 new holds every listener, does not accept
+                                          old stops accepting
+                                     <--  RELEASED {metrics, upgrade_pending}
+                                          new accepts from here on: it is the serving generation
+                                     <--  CONNS {conns} + fds    } a batch at a time, at most
+    ACK {ids}                        -->                         } `window` un-ACKed; ACKs in order
+                                     <--  DONE {metrics}          old holds nothing more; exits
+    ABORT {reason}                  <-->  either side, in any state before DONE
 
-    offset  size  field
-    0       4     magic   b"PXTK"
-    4       2     version u16 big-endian (1)
-    6       2     type    u16 (MsgType)
-    8       2     nfds    u16: fds that travel with this frame (SCM_RIGHTS on its first byte)
-    10      4     hlen    u32: length of the JSON head, 2 .. MAX_HEAD
-    14      4     blen    u32: length of the binary body, 0 .. MAX_BODY
-    18      hlen  head    UTF-8 JSON object, fields per type (below)
-    18+hlen blen  body    raw bytes the head refers to by [offset, length]
+Why connections move only after RELEASED (protocol 2): until then the only things the new
+generation holds are copies of listening sockets, so any failure before RELEASED (a crash, a
+kill -9, a SIGSTOP past the timeout, a bad frame, an ABORT) changes nothing: the old generation
+resumes accepting and no client notices. From RELEASED on, the new generation serves; each
+connection batch is a two-phase transfer: the old side pauses the pairs and sends copies of
+their fds with a snapshot (prepare), keeps every pair resumable until its ACK (commit), and
+resumes the un-ACKed ones itself on ABORT or any failure. The new side ACKs a batch *before* it
+starts those handlers, so an un-ACKed pair was never touched by it. (Cloudflare's ecdysis
+handover is the nearest production anchor: Request -> Item -> Prepared -> Commit/Abort.)
 
-Bounds: nfds <= MAX_FDS (253, the kernel's SCM_MAX_FD), head <= 1 MiB, body <= 64 MiB. Anything
-else (bad magic or version, unknown type, a head that is not a JSON object, a frame complete
-without its fds, a field of the wrong type) is a `ProtocolError`: the adapter drops that peer,
-closes every fd it received from it, and the serving generation carries on.
+Versions: protocol 1 is the previous release's (no `protocols` in HELLO, no `protocol` in
+WELCOME; CONNS may also come between READY and RELEASED). This release speaks 1 and 2, so it
+can take over from the previous release and hand over to the next one.
 
-Fds are attached to the first byte of their frame, so by the time a whole frame has been read its
-fds have been received too; `receive_fds` queues them and each frame takes its `nfds` in order.
-
-Messages, in protocol order (old = serving generation, new = the one taking over):
-    HELLO     new -> old  {pid}
-    WELCOME   old -> new  {pid, generation, signalled_at}
-    LISTENERS old -> new  {listeners: [{name, addr}]}                fds: one per listener
-    READY     new -> old  {}   (new holds every listener; it accepts from RELEASED on)
-    CONNS     old -> new  {conns: [ConnRecord]}    fds: per conn, client [+ upstream]
-    ACK       new -> old  {ids: [int]}  (new owns these now; old closes its copies)
-    RELEASED  old -> new  {metrics}  (old stopped accepting: new is the serving generation
-                                      and starts accepting)
-    DONE      old -> new  {metrics}  (old holds nothing more; metrics = what it counted since
-                                      RELEASED)
-    ABORT     either      {reason}
+Message fields (JSON head; `body` holds the pending bytes the records point into):
+    HELLO     {pid, version: release string, protocols: [lo, hi]}
+    WELCOME   {pid, generation, signalled_at, started_at, version: release, protocol}
+    LISTENERS {listeners: [key]}                      fds: one per key
+    READY     {}
+    CONNS     {conns: [ConnRecord]}                   fds: per record, client [+ upstream]
+    ACK       {ids: [int]}
+    RELEASED  {metrics, upgrade_pending: bool}
+    DONE      {metrics}
+    ABORT     {reason}
 A ConnRecord: {id, listener, mode, client, server, c2u: Dir, u2c: Dir} with
-Dir = {pending: [offset, length] into body, eof: bool, shut: bool}. Its fds follow the previous
-record's: mode "tcp" and "tunnel" (an http Upgrade turned relay) have two, client then
-upstream; mode "http" (an idle keep-alive client) has one, and its c2u.pending holds the bytes
-h11 had read but not processed (pipelined requests), c2u.eof whether the client sent EOF.
+Dir = {pending: [offset, length] into body, eof: bool, shut: bool}. Mode "tcp" and "tunnel" (an
+http Upgrade turned relay) carry two fds, client then upstream; "http" (an idle keep-alive
+client) one, its c2u.pending the bytes read but not processed (pipelined requests).
 """
 
 from __future__ import annotations
 
-import json
-import struct
-from collections import deque
-from dataclasses import dataclass, field
-from enum import IntEnum
+import collections
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum, IntEnum
 from typing import Any
 
-from proxy.forward import DirectionSnapshot, PairSnapshot
+from proxy.frames import (
+    MAX_FDS,
+    Frame,
+    Framer,
+    LocalProtocolError,
+    OwnedFds,
+    ProtocolError,
+    encode,
+)
+from proxy.movable import DirectionSnapshot, PairSnapshot
 
-MAGIC = b"PXTK"
-VERSION = 1
-HEADER = struct.Struct("!4sHHHII")
-MAX_FDS = 253
-MAX_HEAD = 1 << 20
-MAX_BODY = 64 << 20
+__all__ = ["MAX_FDS", "LocalProtocolError", "OwnedFds", "ProtocolError"]
+
+PROTOCOLS = (1, 2)  # the protocol versions this release speaks (lo, hi)
+ACK_WINDOW = 4  # CONNS batches the old side may send ahead of their ACK
 FDS_PER_MODE = {"tcp": 2, "tunnel": 2, "http": 1}  # client [, upstream]
-
-
-class ProtocolError(Exception):
-    """The peer sent something this codec will not accept; drop the peer."""
+MAX_REASON = 500
 
 
 class MsgType(IntEnum):
@@ -80,12 +93,33 @@ class MsgType(IntEnum):
     ABORT = 9
 
 
-@dataclass
-class Message:
-    type: MsgType
-    head: dict[str, Any] = field(default_factory=dict)
-    body: bytes = b""
-    fds: list[int] = field(default_factory=list)
+# ---- events --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Hello:
+    pid: int
+    release: str
+    protocols: tuple[int, int] = (1, 1)
+
+
+@dataclass(frozen=True)
+class Welcome:
+    pid: int
+    generation: int
+    signalled_at: float
+    started_at: float
+    release: str
+    protocol: int = 1
+
+
+@dataclass(frozen=True)
+class Listeners:
+    keys: tuple[str, ...]  # fds: one per key, in order
+
+
+@dataclass(frozen=True)
+class Ready:
+    pass
 
 
 @dataclass(frozen=True)
@@ -97,92 +131,267 @@ class ConnRecord:
     server: str
     state: PairSnapshot
 
+    @property
+    def nfds(self) -> int:
+        return FDS_PER_MODE[self.mode]
 
-NEED_DATA = None
+
+@dataclass(frozen=True)
+class Conns:
+    records: tuple[ConnRecord, ...]  # fds: each record's `nfds`, in order
 
 
-class Codec:
-    """One side of a takeover channel: framing, bounds and strict decoding."""
+@dataclass(frozen=True)
+class Ack:
+    ids: tuple[int, ...]
 
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._fds: deque[int] = deque()
+
+@dataclass(frozen=True)
+class Released:
+    metrics: dict[str, list[Any]]  # a Metrics.snapshot(); Metrics.restore() validates its rows
+    upgrade_pending: bool = False  # a SIGUSR2 was queued: the new generation upgrades at once
+
+
+@dataclass(frozen=True)
+class Done:
+    metrics: dict[str, list[Any]]  # what the old side counted since RELEASED
+
+
+@dataclass(frozen=True)
+class Abort:
+    reason: str
+
+
+Event = Hello | Welcome | Listeners | Ready | Conns | Ack | Released | Done | Abort
+
+TYPE_OF: dict[type, MsgType] = {
+    Hello: MsgType.HELLO, Welcome: MsgType.WELCOME, Listeners: MsgType.LISTENERS,
+    Ready: MsgType.READY, Conns: MsgType.CONNS, Ack: MsgType.ACK, Released: MsgType.RELEASED,
+    Done: MsgType.DONE, Abort: MsgType.ABORT,
+}
+
+
+# ---- the state machine -----------------------------------------------------------------------
+
+class Role(Enum):
+    OLD = "old"
+    NEW = "new"
+
+
+class State(Enum):
+    IDLE = "idle"  # nothing said yet
+    GREETING = "greeting"  # HELLO said, WELCOME not yet
+    WELCOMED = "welcomed"  # version agreed; LISTENERS next
+    LISTENING = "listening"  # listeners handed over; READY next
+    READY = "ready"  # the new side holds the listeners; RELEASED next
+    RELEASED = "released"  # the new side serves; connections move; DONE next
+    DONE = "done"  # the old side holds nothing more
+    ABORTED = "aborted"  # either side gave up: the old side keeps (or resumes) everything un-ACKed
+
+
+# Who may send each message.
+SENDER: dict[MsgType, frozenset[Role]] = {
+    MsgType.HELLO: frozenset({Role.NEW}),
+    MsgType.WELCOME: frozenset({Role.OLD}),
+    MsgType.LISTENERS: frozenset({Role.OLD}),
+    MsgType.READY: frozenset({Role.NEW}),
+    MsgType.CONNS: frozenset({Role.OLD}),
+    MsgType.ACK: frozenset({Role.NEW}),
+    MsgType.RELEASED: frozenset({Role.OLD}),
+    MsgType.DONE: frozenset({Role.OLD}),
+    MsgType.ABORT: frozenset({Role.OLD, Role.NEW}),
+}
+
+# (state, message) -> next state, the same for both roles (a message moves both sides alike).
+# Every pair not listed is a protocol error. ABORT is allowed from every state but DONE and
+# ABORTED (added below).
+TRANSITIONS: dict[tuple[State, MsgType], State] = {
+    (State.IDLE, MsgType.HELLO): State.GREETING,
+    (State.GREETING, MsgType.WELCOME): State.WELCOMED,
+    (State.WELCOMED, MsgType.LISTENERS): State.LISTENING,
+    (State.LISTENING, MsgType.READY): State.READY,
+    (State.READY, MsgType.RELEASED): State.RELEASED,
+    (State.RELEASED, MsgType.CONNS): State.RELEASED,
+    (State.RELEASED, MsgType.ACK): State.RELEASED,
+    (State.RELEASED, MsgType.DONE): State.DONE,
+    **{(s, MsgType.ABORT): State.ABORTED for s in State if s not in (State.DONE, State.ABORTED)},
+}
+# Protocol 1 (the previous release) also moved connections between READY and RELEASED.
+TRANSITIONS_V1: dict[tuple[State, MsgType], State] = {
+    (State.READY, MsgType.CONNS): State.READY,
+    (State.READY, MsgType.ACK): State.READY,
+}
+
+
+def negotiate(ours: tuple[int, int], theirs: tuple[int, int]) -> int | None:
+    """The highest protocol version both ranges hold, or None."""
+    hi = min(ours[1], theirs[1])
+    return hi if hi >= max(ours[0], theirs[0]) else None
+
+
+class Session:
+    """One side of one takeover session: the transition table and the ACK window.
+
+    `send(event, fds)` checks the event is legal now, updates the state and returns the bytes
+    to write (the adapter attaches `fds`, which the sender keeps owning). `receive_data()` /
+    `receive_fds()` take what the socket gave; `next_event()` returns `(event, OwnedFds)` or None
+    (more bytes needed) and raises ProtocolError on anything illegal. `close()` closes every
+    received fd no event took.
+    """
+
+    def __init__(self, role: Role, protocols: tuple[int, int] = PROTOCOLS,
+                 window: int = ACK_WINDOW) -> None:
+        self.role = role
+        self.protocols = protocols
+        self.window = window
+        self.state = State.IDLE
+        self.version: int | None = None  # agreed at WELCOME
+        self.peer_protocols: tuple[int, int] | None = None  # what HELLO offered (old side)
+        self.abort_reason = ""
+        self._unacked: collections.deque[tuple[int, ...]] = collections.deque()
+        self._in_flight: set[int] = set()
+        self._framer = Framer()
+
+    # ---- queries -------------------------------------------------------------------------------
+
+    @property
+    def unacked(self) -> int:
+        """CONNS batches sent (old) or received (new) and not ACKed yet."""
+        return len(self._unacked)
+
+    def can_send_conns(self) -> bool:
+        return self._legal(MsgType.CONNS) and len(self._unacked) < self.window
+
+    def oldest_unacked(self) -> tuple[int, ...]:
+        return self._unacked[0] if self._unacked else ()
+
+    # ---- sending ---------------------------------------------------------------------------
+
+    def send(self, event: Event, fds: Sequence[int] = ()) -> bytes:
+        mtype = TYPE_OF[type(event)]
+        if self.role not in SENDER[mtype]:
+            raise LocalProtocolError(f"{self.role.value} side may not send {mtype.name}")
+        self._check(event, LocalProtocolError, len(fds))
+        frame = _encode(event, len(fds))
+        self._advance(event, LocalProtocolError)
+        return frame
+
+    # ---- receiving -------------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
-        self._buf += data
+        self._framer.receive_data(data)
 
     def receive_fds(self, fds: list[int]) -> None:
-        self._fds.extend(fds)
+        self._framer.receive_fds(fds)
 
-    def leftover_fds(self) -> list[int]:
-        """Fds received but not claimed by a complete frame (the adapter closes them)."""
-        fds = list(self._fds)
-        self._fds.clear()
-        return fds
-
-    def next_message(self) -> Message | None:
-        """A complete message, or NEED_DATA (None). Raises ProtocolError."""
-        if len(self._buf) < HEADER.size:
-            if self._buf and not MAGIC.startswith(bytes(self._buf[:4])):
-                raise ProtocolError("bad magic")
-            return NEED_DATA
-        magic, version, mtype, nfds, hlen, blen = HEADER.unpack_from(self._buf)
-        if magic != MAGIC:
-            raise ProtocolError("bad magic")
-        if version != VERSION:
-            raise ProtocolError(f"unsupported version {version}")
+    def next_event(self) -> tuple[Event, OwnedFds] | None:
+        frame = self._framer.next_frame()
+        if frame is None:
+            return None
         try:
-            typ = MsgType(mtype)
-        except ValueError:
-            raise ProtocolError(f"unknown message type {mtype}") from None
-        if nfds > MAX_FDS or not 2 <= hlen <= MAX_HEAD or blen > MAX_BODY:
-            raise ProtocolError(f"frame out of bounds (nfds={nfds} hlen={hlen} blen={blen})")
-        end = HEADER.size + hlen + blen
-        if len(self._buf) < end:
-            return NEED_DATA
-        if len(self._fds) < nfds:
-            raise ProtocolError(f"frame without its fds ({len(self._fds)} of {nfds})")
-        raw_head = bytes(self._buf[HEADER.size:HEADER.size + hlen])
-        body = bytes(self._buf[HEADER.size + hlen:end])
-        del self._buf[:end]
-        fds = [self._fds.popleft() for _ in range(nfds)]
-        try:
-            head = json.loads(raw_head.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            for fd in fds:
-                self._fds.appendleft(fd)  # left for leftover_fds() so the adapter closes them
-            raise ProtocolError("head is not JSON") from exc
-        if not isinstance(head, dict):
-            self._fds.extendleft(fds)
-            raise ProtocolError("head is not a JSON object")
-        return Message(typ, head, body, fds)
+            try:
+                mtype = MsgType(frame.type)
+            except ValueError:
+                raise ProtocolError(f"unknown message type {frame.type}") from None
+            peer = Role.NEW if self.role is Role.OLD else Role.OLD
+            if peer not in SENDER[mtype]:
+                raise ProtocolError(f"{mtype.name} from the {peer.value} side")
+            event = _decode(mtype, frame)
+            self._check(event, ProtocolError, len(frame.fds))
+            self._advance(event, ProtocolError)
+        except BaseException:
+            frame.fds.close()
+            raise
+        return event, frame.fds
 
-    @staticmethod
-    def send(msg: Message) -> bytes:
-        """The frame for `msg`; the adapter sends `msg.fds` with its first byte."""
-        head = json.dumps(msg.head, separators=(",", ":")).encode()
-        if len(msg.fds) > MAX_FDS or len(head) > MAX_HEAD or len(msg.body) > MAX_BODY:
-            raise ValueError("message exceeds the channel's bounds")
-        hdr = HEADER.pack(MAGIC, VERSION, msg.type, len(msg.fds), len(head), len(msg.body))
-        return hdr + head + msg.body
+    def close(self) -> None:
+        self._framer.close()
+
+    # ---- the table -------------------------------------------------------------------------
+
+    def _legal(self, mtype: MsgType) -> bool:
+        return (self.state, mtype) in TRANSITIONS or (
+            self.version == 1 and (self.state, mtype) in TRANSITIONS_V1)
+
+    def _check(self, event: Event, error: type[ProtocolError], nfds: int) -> None:
+        mtype = TYPE_OF[type(event)]
+        if not self._legal(mtype):
+            raise error(f"{mtype.name} not allowed in state {self.state.value}")
+        if isinstance(event, Listeners) and nfds != len(event.keys):
+            raise error("LISTENERS: one fd per listener")
+        if isinstance(event, Conns):
+            if len(self._unacked) >= self.window:
+                raise error(f"CONNS beyond the ACK window of {self.window}")
+            ids = [r.id for r in event.records]
+            if not ids or len(set(ids)) != len(ids) or self._in_flight.intersection(ids):
+                raise error("CONNS: ids empty, repeated or already in flight")
+            if sum(r.nfds for r in event.records) != nfds:
+                raise error("CONNS: wrong number of fds for these connections")
+        if isinstance(event, Ack) and (
+                not self._unacked or sorted(event.ids) != sorted(self._unacked[0])):
+            raise error("ACK does not match the oldest batch in flight")
+        if isinstance(event, Released | Done) and self._unacked:
+            raise error(f"{mtype.name} with {len(self._unacked)} batches not ACKed")
+        if isinstance(event, Welcome):
+            self._check_welcome(event, error)
+
+    def _check_welcome(self, event: Welcome, error: type[ProtocolError]) -> None:
+        if self.role is Role.OLD:
+            if self.version is None or event.protocol != self.version:
+                raise error("WELCOME must carry the negotiated protocol")
+        elif not self.protocols[0] <= event.protocol <= self.protocols[1]:
+            raise error(f"WELCOME picked protocol {event.protocol}, outside our "
+                        f"{self.protocols[0]}..{self.protocols[1]}")
+
+    def _advance(self, event: Event, error: type[ProtocolError]) -> None:
+        mtype = TYPE_OF[type(event)]
+        nxt = TRANSITIONS.get((self.state, mtype)) or TRANSITIONS_V1[(self.state, mtype)]
+        if isinstance(event, Hello) and self.role is Role.OLD:
+            self.peer_protocols = event.protocols
+            self.version = negotiate(self.protocols, event.protocols)
+        elif isinstance(event, Welcome):
+            self.version = event.protocol
+        elif isinstance(event, Conns):
+            ids = tuple(r.id for r in event.records)
+            self._unacked.append(ids)
+            self._in_flight.update(ids)
+        elif isinstance(event, Ack):
+            self._in_flight.difference_update(self._unacked.popleft())
+        elif isinstance(event, Abort):
+            self.abort_reason = event.reason
+        self.state = nxt
 
 
-# ---- typed fields -------------------------------------------------------------------------------
+# ---- wire form -------------------------------------------------------------------------------
 
-def field_of(msg: Message, name: str, kind: type | tuple[type, ...]) -> Any:
-    """`msg.head[name]`, checked to be of `kind` (bool is never accepted as an int)."""
-    v = msg.head.get(name)
-    if not isinstance(v, kind) or (isinstance(v, bool) and bool not in _kinds(kind)):
-        raise ProtocolError(f"{msg.type.name}.{name}: missing or of the wrong type")
-    return v
+def _encode(event: Event, nfds: int) -> bytes:
+    mtype = TYPE_OF[type(event)]
+    body = b""
+    head: dict[str, Any]
+    if isinstance(event, Hello):
+        head = {"pid": event.pid, "version": event.release, "protocols": list(event.protocols)}
+    elif isinstance(event, Welcome):
+        head = {"pid": event.pid, "generation": event.generation,
+                "signalled_at": event.signalled_at, "started_at": event.started_at,
+                "version": event.release, "protocol": event.protocol}
+    elif isinstance(event, Listeners):
+        head = {"listeners": list(event.keys)}
+    elif isinstance(event, Conns):
+        head, body = _encode_conns(event.records)
+    elif isinstance(event, Ack):
+        head = {"ids": list(event.ids)}
+    elif isinstance(event, Released):
+        head = {"metrics": event.metrics, "upgrade_pending": event.upgrade_pending}
+    elif isinstance(event, Done):
+        head = {"metrics": event.metrics}
+    elif isinstance(event, Abort):
+        head = {"reason": event.reason[:MAX_REASON]}
+    else:
+        head = {}
+    return encode(mtype, head, body, nfds)
 
 
-def _kinds(kind: type | tuple[type, ...]) -> tuple[type, ...]:
-    return kind if isinstance(kind, tuple) else (kind,)
-
-
-def conns_message(records: list[ConnRecord], fds: list[int]) -> Message:
-    """A CONNS message: the records' pending bytes packed into the body."""
+def _encode_conns(records: Sequence[ConnRecord]) -> tuple[dict[str, Any], bytes]:
     body = bytearray()
     out = []
     for r in records:
@@ -192,38 +401,88 @@ def conns_message(records: list[ConnRecord], fds: list[int]) -> Message:
             entry[name] = {"pending": [len(body), len(d.pending)], "eof": d.eof, "shut": d.shut}
             body += d.pending
         out.append(entry)
-    return Message(MsgType.CONNS, {"conns": out}, bytes(body), fds)
+    return {"conns": out}, bytes(body)
 
 
-def parse_conns(msg: Message) -> list[tuple[ConnRecord, list[int]]]:
-    """The records of a CONNS message, each with its fds. Strict."""
-    conns = field_of(msg, "conns", list)
-    modes = [c.get("mode") if isinstance(c, dict) else None for c in conns]
-    if not all(m in FDS_PER_MODE for m in modes):
-        raise ProtocolError("CONNS: unknown connection mode")
-    if sum(FDS_PER_MODE[str(m)] for m in modes) != len(msg.fds):
-        raise ProtocolError("CONNS: wrong number of fds for these connections")
+class _Head:
+    """Typed, strict access to one JSON object of a message (bool is never an int)."""
+
+    def __init__(self, what: str, obj: object) -> None:
+        if not isinstance(obj, dict):
+            raise ProtocolError(f"{what}: not an object")
+        self.what, self.obj = what, obj
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        if name not in self.obj and default is not ...:
+            return default
+        v = self.obj.get(name)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
+            raise ProtocolError(f"{self.what}.{name}: missing or of the wrong type")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ProtocolError(f"{self.what}.{name}: not a finite number")
+        return v
+
+    def ints(self, name: str, default: Any = ...) -> tuple[int, ...]:
+        v = self.get(name, list, default)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+            raise ProtocolError(f"{self.what}.{name}: not a list of integers")
+        return tuple(v)
+
+
+def _decode(mtype: MsgType, frame: Frame) -> Event:
+    h = _Head(mtype.name, frame.head)
+    if mtype is MsgType.HELLO:
+        lo_hi = h.ints("protocols", (1, 1))  # protocol 1 did not say: it spoke 1
+        if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
+            raise ProtocolError("HELLO.protocols: not a range [lo, hi]")
+        return Hello(h.get("pid", int), h.get("version", str, ""), (lo_hi[0], lo_hi[1]))
+    if mtype is MsgType.WELCOME:
+        signalled = float(h.get("signalled_at", (int, float)))
+        return Welcome(h.get("pid", int), h.get("generation", int), signalled,
+                       float(h.get("started_at", (int, float), signalled)),
+                       h.get("version", str, ""), h.get("protocol", int, 1))
+    if mtype is MsgType.LISTENERS:
+        keys = h.get("listeners", list)
+        if not all(isinstance(k, str) for k in keys):
+            raise ProtocolError("LISTENERS.listeners: not a list of strings")
+        return Listeners(tuple(keys))
+    if mtype is MsgType.READY:
+        return Ready()
+    if mtype is MsgType.CONNS:
+        return Conns(_decode_conns(h, frame.body))
+    if mtype is MsgType.ACK:
+        return Ack(h.ints("ids"))
+    if mtype is MsgType.RELEASED:
+        return Released(_metrics(h), h.get("upgrade_pending", bool, False))
+    if mtype is MsgType.DONE:
+        return Done(_metrics(h))
+    return Abort(str(h.get("reason", str, ""))[:MAX_REASON])
+
+
+def _metrics(h: _Head) -> dict[str, list[Any]]:
+    m = h.get("metrics", dict, {})
+    if not all(isinstance(k, str) and isinstance(v, list) for k, v in m.items()):
+        raise ProtocolError(f"{h.what}.metrics: not {{name: [rows]}}")
+    return dict(m)
+
+
+def _decode_conns(h: _Head, body: bytes) -> tuple[ConnRecord, ...]:
     out = []
-    cursor = 0
-    for c in conns:
-        if not isinstance(c, dict):
-            raise ProtocolError("CONNS: a record is not an object")
-        sub = Message(msg.type, c)
+    for c in h.get("conns", list):
+        rec = _Head("CONNS.conns[]", c)
+        mode = rec.get("mode", str)
+        if mode not in FDS_PER_MODE:
+            raise ProtocolError(f"CONNS: unknown connection mode {mode[:20]!r}")
         dirs = []
         for name in ("c2u", "u2c"):
-            d = field_of(sub, name, dict)
-            dm = Message(msg.type, d)
-            span = field_of(dm, "pending", list)
-            if (len(span) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
-                                          and x >= 0 for x in span)
-                    or span[0] + span[1] > len(msg.body)):
+            d = _Head(f"CONNS.{name}", rec.get(name, dict))
+            span = d.ints("pending")
+            if len(span) != 2 or min(span) < 0 or span[0] + span[1] > len(body):
                 raise ProtocolError(f"CONNS.{name}.pending: bad span")
-            dirs.append(DirectionSnapshot(msg.body[span[0]:span[0] + span[1]],
-                                          field_of(dm, "eof", bool), field_of(dm, "shut", bool)))
-        rec = ConnRecord(id=field_of(sub, "id", int), listener=field_of(sub, "listener", str),
-                         mode=field_of(sub, "mode", str), client=field_of(sub, "client", str),
-                         server=field_of(sub, "server", str), state=PairSnapshot(*dirs))
-        n = FDS_PER_MODE[rec.mode]
-        out.append((rec, msg.fds[cursor:cursor + n]))
-        cursor += n
-    return out
+            dirs.append(DirectionSnapshot(body[span[0]:span[0] + span[1]],
+                                          d.get("eof", bool), d.get("shut", bool)))
+        out.append(ConnRecord(id=rec.get("id", int), listener=rec.get("listener", str),
+                              mode=mode, client=rec.get("client", str),
+                              server=rec.get("server", str), state=PairSnapshot(*dirs)))
+    return tuple(out)

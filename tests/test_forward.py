@@ -15,8 +15,10 @@ import socket
 import pytest
 import trio
 
-from proxy.forward import PairSnapshot, Relay, State
-from proxy.takeover import Codec, ConnRecord, conns_message, parse_conns
+from proxy.forward import Relay
+from proxy.movable import PairSnapshot, State
+from proxy.takeover import ConnRecord
+from tests.test_takeover import conns_roundtrip
 
 
 def tcp_pair(bufsize: int = 0) -> tuple[socket.socket, socket.socket]:
@@ -42,13 +44,7 @@ def wire_roundtrip(snap: PairSnapshot, fds: tuple[int, ...]) -> tuple[PairSnapsh
     """Encode as a CONNS frame and decode it again, fds dup'ed as SCM_RIGHTS would."""
     rec = ConnRecord(7, "web", "tcp", "127.0.0.1:1", "127.0.0.1:2", snap)
     dup = [os.dup(fds[0]), os.dup(fds[1])]
-    msg = conns_message([rec], dup)
-    codec = Codec()
-    codec.receive_data(Codec.send(msg))
-    codec.receive_fds(dup)
-    out = codec.next_message()
-    assert out is not None
-    [(rec2, (cfd, ufd))] = parse_conns(out)
+    [(rec2, (cfd, ufd))] = conns_roundtrip([rec], dup)
     assert rec2.id == 7 and rec2.listener == "web"
     return rec2.state, cfd, ufd
 

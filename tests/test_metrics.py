@@ -7,7 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import __version__
 from proxy.metrics import Metrics
-from proxy.upgrade import _delta
+from proxy.metrics import delta as _delta
 
 
 def families(m: Metrics) -> dict[str, object]:

@@ -1,0 +1,60 @@
+"""What a connection handler offers so it can move to another generation, and the plain data it
+moves with.
+
+No trio and no I/O here: the takeover codec (`takeover.py`) imports these types, and importing
+the codec must not import trio. `Relay` (forward.py) and `HttpClient` (http.py) implement
+`Movable`; the `Server` drives them through it, and the upgrader sees only records and ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+
+class State(Enum):
+    NEW = "new"
+    RUNNING = "running"
+    PAUSED = "paused"
+    CLOSED = "closed"
+    TUNNEL = "tunnel"  # an http client connection that became a tcp relay
+
+
+@dataclass(frozen=True)
+class DirectionSnapshot:
+    pending: bytes = b""  # read from the source, not yet written to the destination
+    eof: bool = False  # the source reached EOF
+    shut: bool = False  # shutdown(SHUT_WR) was done on the destination
+
+
+@dataclass(frozen=True)
+class PairSnapshot:
+    """Everything a handler needs, besides its fds, to carry on in another process."""
+
+    c2u: DirectionSnapshot = DirectionSnapshot()
+    u2c: DirectionSnapshot = DirectionSnapshot()
+
+
+class Movable(Protocol):
+    """A connection handler that can stop at a safe point and carry on elsewhere.
+
+    Contract: `run()` serves until the connection closes (CLOSED), pauses (PAUSED) or, for
+    http, becomes a tunnel (TUNNEL). `request_pause()` asks it to stop without waiting, so a
+    whole batch stops in one scheduler pass; `pause()` waits for the stop and returns the
+    snapshot, or None when the connection finished meanwhile (its fds are then closed). While
+    paused the handler still owns its fds (`fds()`, for SCM_RIGHTS copies) until `close()`, or
+    `run()` resumes it.
+    """
+
+    async def run(self) -> State: ...
+
+    def movable(self) -> bool: ...
+
+    def request_pause(self) -> None: ...
+
+    async def pause(self) -> PairSnapshot | None: ...
+
+    def fds(self) -> tuple[int, ...]: ...
+
+    def close(self) -> None: ...
