@@ -184,6 +184,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def sched_seconds(pid: int) -> tuple[float, float] | None:
+    """(time on a CPU, time runnable but waiting for a CPU) of `pid`'s main thread so far, from
+    /proc/PID/schedstat; None once it is gone (or without CONFIG_SCHED_INFO). The second number
+    is what a busy machine adds to a wall-clock time: it separates "more work" from "less CPU"."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            run, wait, _ = f.read().split()
+    except (OSError, ValueError):
+        return None
+    return int(run) / 1e9, int(wait) / 1e9
+
+
 def free_port() -> int:
     """A port free right now on 127.0.0.1 (for tools that cannot be told to use port 0)."""
     with socket.socket() as s:
@@ -436,6 +448,8 @@ class Upgrade:
     done_moved: int = -1  # from the old side's `phase=done` line (incl. moved after RELEASED)
     boot_ms: float = float("nan")  # old side's log: phase=spawning -> phase=handover (the new
     #                                generation started, took the listeners and said READY)
+    old_cpu_ms: float = float("nan")  # the old generation, SIGUSR2 -> exit: time on a CPU
+    old_wait_ms: float = float("nan")  # ... and time runnable but waiting for one (busy machine)
 
 
     @property
@@ -543,11 +557,15 @@ class ProxyProcess(Service):
             raise RuntimeError(f"proxy: no serving pid; log tail:\n{tail(self.log)}")
         up = Upgrade(old)
         mark = self.log_size()
+        sched0 = sched_last = sched_seconds(old)
+        sched_at = 0.0
         up.t_signal = time.monotonic()
         os.kill(old, signal.SIGUSR2)
         deadline = up.t_signal + timeout
         while time.monotonic() < deadline:
             now = time.monotonic()
+            if sched0 is not None and now - sched_at >= 0.005:  # the last reading before it exits
+                sched_last, sched_at = sched_seconds(old) or sched_last, now
             if not up.t_serving:
                 pid = self.serving_pid()
                 if pid is not None and pid != old:
@@ -563,6 +581,9 @@ class ProxyProcess(Service):
         m = self.wait_log(rf"event=handed_over gen=\d+ pid={old} moved=(\d+) "
                           rf"handover_ms=([\d.]+)", 5.0, mark)
         up.moved, up.handover_ms = int(m.group(1)), float(m.group(2))
+        if sched0 is not None and sched_last is not None:
+            up.old_cpu_ms = (sched_last[0] - sched0[0]) * 1000
+            up.old_wait_ms = (sched_last[1] - sched0[1]) * 1000
         text = self.text(mark)
         spawning = re.search(rf"^(\S+) level=info event=phase gen=\d+ pid={old} phase=spawning",
                              text, re.M)

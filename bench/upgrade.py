@@ -482,7 +482,8 @@ def run_case(requested: int, args: argparse.Namespace, ceiling: int) -> Case:
             case.upgrades.append(up)
             say(f"upgrade {k + 1}/{args.upgrades}: pid {up.old_pid} -> {up.new_pid}: serving "
                 f"after {up.serving_ms:.0f} ms, old gone after {up.exit_ms:.0f} ms, handover "
-                f"{up.handover_ms:g} ms for {up.moved} conns")
+                f"{up.handover_ms:g} ms for {up.moved} conns (old generation: cpu "
+                f"{up.old_cpu_ms:.0f} ms, waited for a cpu {up.old_wait_ms:.0f} ms)")
             time.sleep(args.settle)
         case.result = _merge(clients.stop(timeout=args.timeout + 30))
     finally:
@@ -533,17 +534,22 @@ def report(cases: list[Case], args: argparse.Namespace) -> None:
                                              strict=True)):
             late = up.done_moved - up.moved if up.done_moved >= 0 else 0
             rows.append([c.conns, k + 1, fmt(up.boot_ms, 0), fmt(up.handover_ms),
-                         fmt(up.serving_ms), fmt(up.exit_ms), up.moved, late, len(st),
+                         fmt(up.serving_ms), fmt(up.exit_ms), fmt(up.old_cpu_ms, 0),
+                         fmt(up.old_wait_ms, 0), up.moved, late, len(st),
                          ms(percentile(st, 50)), ms(percentile(st, 99)),
                          ms(max(st) if st else float("nan")), ne])
     print_table(f"Upgrades under load (tcp mode, {args.rate:g} echo bursts/s over all streams; "
                 f"times in ms; {machine_note()})",
                 ["conns", "#", "boot", "handover", "SIGUSR2->serving", "SIGUSR2->old exit",
-                 "moved", "late", "sampled", "stall p50", "stall p99", "stall max", "errors"],
+                 "old cpu", "old runq wait", "moved", "late", "sampled", "stall p50", "stall p99",
+                 "stall max", "errors"],
                 rows)
     print("boot: spawning -> handover phase (the new generation started, holds the listeners, "
           "said READY); handover: the old side's handover_ms (pause + send + ACK of every pair, "
-          "up to RELEASED); late: pairs moved after RELEASED; sampled: streams with a burst in "
+          "up to RELEASED); old cpu / old runq wait: the old generation's time on a CPU and "
+          "time runnable but waiting for a CPU from SIGUSR2 to its exit (/proc/PID/schedstat): a "
+          "wait that grows while the cpu does not means a busy machine, not more work; "
+          "late: pairs moved after RELEASED; sampled: streams with a burst in "
           "flight between SIGUSR2 and the old generation's exit; stall: the worst echo "
           "round-trip of each such stream")
     rows = []
