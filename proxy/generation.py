@@ -9,6 +9,7 @@ then serves until a graceful stop or until it has handed everything to the next 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -97,6 +98,15 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
                     elif stop_requested:
                         if sig == signal.SIGINT:
                             root.start_soon(stop, True)
+                    elif upgrader.successor_pid and not upgrader.serving:
+                        # Sent to the serving generation, it reached us just after we released:
+                        # the service is to stop, and the service is our successor now. We
+                        # finish handing over and exit as usual.
+                        stop_requested = True
+                        log.info("stop_forwarded", signal=signal.Signals(sig).name,
+                                 to_pid=upgrader.successor_pid)
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(upgrader.successor_pid, sig)
                     else:
                         stop_requested = True
                         log.info("stop_requested", signal=signal.Signals(sig).name)

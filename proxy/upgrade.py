@@ -417,8 +417,10 @@ class Upgrader:
                 log.warning("takeover_peer_dropped", peer_pid=peer_pid, reason=attempt.cause)
                 self.attempt = None
                 attempt.finished.set()
-                return
-            self._settle(attempt)
+            else:
+                self._settle(attempt)
+            if self.pending and self.serving:  # a signal came while that peer held the channel
+                self.spawn(self._run_attempts)
             return
         # Released: the successor serves. ACKs already on their way still count.
         with trio.move_on_after(LATE_ACK_WAIT), contextlib.suppress(ChannelError):

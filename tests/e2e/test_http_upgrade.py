@@ -140,3 +140,50 @@ def test_half_received_request_head_moves_with_its_connection() -> None:
             assert p.count(r"event=access .*path=\"?/echo\?second\"? status=200") == 1
         finally:
             p.stop()
+
+
+def test_upgrade_right_after_an_upgrade_while_a_slow_response_is_in_flight() -> None:
+    """The measured lost signal: a slow response holds the old generation; a second upgrade at
+    once starts at once (the new generation serves), both commands report success before the
+    slow response is done, and the slow response then arrives on its same connection, handed
+    through two generations; every request is counted exactly once."""
+    import select
+    import subprocess
+    import sys
+
+    with HttpBackend() as be:
+        p = Proxy([be.addr], mode="http", listener={"header_timeout": 20.0},
+                  proxy={"drain_timeout": 30.0})
+        try:
+            p.start()
+            first = p.pid()
+            slow = Conn(p.port, timeout=30)
+            slow.send(b"GET /slow?ms=8000 HTTP/1.1\r\nHost: t\r\n\r\n")
+            deadline = time.monotonic() + 10
+            while not any(path.startswith("/slow") for _, path, _ in be.requests[-50:]):
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            cmd = [sys.executable, "-m", "proxy", "upgrade", "--config", str(p.config)]
+            outs = [subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=p.env)
+                    for _ in range(2)]
+            # Not a byte of the slow response yet: both upgrades were done while it was pending.
+            pending_when_done = not select.select([slow.sock], [], [], 0)[0] and not slow.buf
+            assert [o.returncode for o in outs] == [0, 0], [o.stderr for o in outs]
+            assert pending_when_done  # both upgrades finished with the slow one in flight
+            assert alive(first)  # still holding it: three generations at once, one serving
+            third = p.pid()
+            assert p.count(r"event=upgrade_ignored") == 0
+            status, _, _ = slow.response()
+            assert status == 200
+            assert slow.get("/echo?after-slow")[0] == 200  # same connection, now in gen 3
+            slow.close()
+            deadline = time.monotonic() + 30
+            while alive(first) or len([q for q in p.all_pids() if alive(q)]) != 1:
+                assert time.monotonic() < deadline, p.tail()
+                time.sleep(0.02)
+            assert p.serving_pid() == third
+            assert metric(p, "proxy_generation") == 3
+            assert metric(p, "proxy_http_requests_total", listener="web") == 2
+            assert metric(p, "proxy_connections_accepted_total", listener="web") == 1
+        finally:
+            p.stop()
