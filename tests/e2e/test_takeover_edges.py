@@ -332,3 +332,26 @@ async def test_old_generation_dying_right_after_release_loses_only_what_it_held(
             await held.finish()
             nursery.cancel_scope.cancel()
     assert_clean(fresh.streams)
+
+
+async def test_a_signal_while_a_peer_holds_the_channel_is_carried_out_after_it() -> None:
+    """Half a HELLO held open on the channel (one session at a time): a SIGUSR2 meanwhile is
+    queued and carried out once that peer is dropped."""
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery, deployment(nursery) as p:
+            old = p.pid()
+            peer = socket.socket(socket.AF_UNIX)
+            try:
+                peer.connect(str(p.dir / "tk"))
+                peer.sendall(encode(MsgType.HELLO, {"pid": 1})[:-3])
+                await trio.to_thread.run_sync(lambda: p.wait_log(
+                    rf"pid={old} phase=handshake peer_pid={os.getpid()}"))
+                os.kill(old, signal.SIGUSR2)
+                await trio.to_thread.run_sync(lambda: p.wait_log(r"event=upgrade_queued "))
+            finally:
+                peer.close()
+            await trio.to_thread.run_sync(lambda: p.wait_log(r"event=takeover_peer_dropped "))
+            await wait_until(lambda: p.serving_pid() not in (None, old) and not alive(old),
+                             timeout=30)
+            assert metric(p, "proxy_upgrades_total", result="success") == 1
+            nursery.cancel_scope.cancel()
