@@ -85,9 +85,10 @@ from bench.common import (
 KINDS = ["kill9_new", "sigstop_new", "bad_config", "broken_module", "garbage_peer",
          "usr2_storm", "sigterm_handover", "kill9_old_released"]
 # The steps a fault may land on, named for the old generation's phase lines ("spawned" is its
-# `event=upgrade_spawned`). Faults on the new generation stop before RELEASED: after it the new
-# one *is* the service, and killing it is a different experiment (nothing would be left).
-EARLY_STEPS = ["spawned", "handshake", "wait_ready", "handover"]
+# `event=upgrade_spawned`). A fault on the new generation that lands at "released" hits the
+# serving generation: a kill -9 then loses what it already held (the old one serves again), a
+# SIGSTOP freezes the service until SIGCONT (nothing is lost; connects wait in the backlog).
+EARLY_STEPS = ["spawned", "handshake", "wait_ready", "released"]
 STEPS: dict[str, list[str]] = {
     "kill9_new": EARLY_STEPS,
     "sigstop_new": EARLY_STEPS,
@@ -942,10 +943,21 @@ class Soak:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(r.child_pid, sig)
                 if r.kind == "sigstop_new":
-                    # Held past upgrade_timeout: the old generation must have given up on it
-                    # and killed it; SIGCONT in case it did not.
+                    # Held past upgrade_timeout. Before RELEASED the old generation must have
+                    # given up on it and killed it. After RELEASED it *is* the service, frozen:
+                    # connects wait in the backlog, nothing is lost, and it carries on at
+                    # SIGCONT (the old one waits for its ACKs, it never serves beside it).
                     time.sleep(a.upgrade_timeout + 1.0)
-                    if alive(r.child_pid):
+                    # (It may have said READY just before the stop: the old one then
+                    # releases to it while it is frozen. The log says which.)
+                    released = any(x.event == "phase" and x.pid == r.old_pid
+                                   and x.fields.get("phase") == "released"
+                                   for x in self.w.since(mark))
+                    if released:
+                        r.notes.append("frozen after RELEASED: continued with SIGCONT")
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(r.child_pid, signal.SIGCONT)
+                    elif alive(r.child_pid):
                         r.problems.append(f"stopped child {r.child_pid} still alive "
                                        f"{a.upgrade_timeout + 1:g}s later ({proc_title(r.child_pid)!r})")
                         with contextlib.suppress(ProcessLookupError):
@@ -958,7 +970,7 @@ class Soak:
                 # else holds their sockets). Only a kill after the handover began can cost any.
                 for x in self.w.since(mark):
                     if x.event == "phase" and x.pid == r.old_pid and x.t <= r.t_fault and \
-                            x.fields.get("phase") == "handover":
+                            x.fields.get("phase") == "released":
                         r.new_held = int(x.fields.get("connections", "0"))
         elif r.kind in ("bad_config", "broken_module"):
             if r.kind == "bad_config":

@@ -144,7 +144,7 @@ class _Takeover:
             reason = ("stopped while taking over" if isinstance(exc, trio.Cancelled)
                       else f"takeover failed before ready: {exc}")
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                await self.ch.abort(reason)
+                await self.ch.abort(reason, serving=False)
             if self.channel_sock is not None:
                 self.channel_sock.close()
             raise TakeoverRefused(reason) from None if isinstance(exc, trio.Cancelled) else exc
@@ -165,7 +165,7 @@ class _Takeover:
         except trio.Cancelled:
             reason = "stopping"
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                await self.ch.abort(reason)
+                await self.ch.abort(reason, serving=self.serving)
             if not self.serving:
                 self.server.drop_adopted()
             raise
@@ -174,7 +174,9 @@ class _Takeover:
             error = exc
         with trio.CancelScope(shield=True):
             if not isinstance(error, PeerAborted):
-                await self.ch.abort(reason)
+                # Before RELEASED this says "I will not serve, I exit": the old generation
+                # may have sent RELEASED meanwhile, and takes the service back on this word.
+                await self.ch.abort(reason, serving=self.serving)
             self.server.drop_adopted()  # un-ACKed: the old generation resumes them
             if self.serving:
                 log.warning("predecessor_session_ended", old_pid=self.old_pid, reason=reason)

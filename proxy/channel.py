@@ -30,7 +30,11 @@ class ChannelError(Exception):
 
 
 class PeerAborted(ChannelError):
-    """The peer sent ABORT; the message is its reason."""
+    """The peer sent ABORT; the message is its reason, `serving` whether it serves after it."""
+
+    def __init__(self, reason: str, serving: bool) -> None:
+        super().__init__(reason)
+        self.serving = serving
 
 
 class PeerRefused(ChannelError):
@@ -108,24 +112,38 @@ class Channel:
     async def receive(self, timeout: float | None = None) -> tuple[Event, OwnedFds]:
         """The next event with the fds it carries (the caller owns those: claim or close)."""
         try:
-            with trio.fail_after(self.timeout if timeout is None else timeout):
-                while True:
-                    got = self.session.next_event()
-                    if got is not None:
-                        break
-                    await fdpass.recv(self.sock, self.session)
+            try:
+                with trio.fail_after(self.timeout if timeout is None else timeout):
+                    while True:
+                        got = self.session.next_event()
+                        if got is not None:
+                            break
+                        await fdpass.recv(self.sock, self.session)
+            except trio.TooSlowError:
+                # A process that was stopped (SIGSTOP, a long GC, a busy machine) wakes up past
+                # its deadline with the answer already waiting: read what is there first.
+                got = self._ready_now()
+                if got is None:
+                    raise
         except _ERRORS as exc:
             raise ChannelError(_describe(exc)) from exc
         event, fds = got
         if isinstance(event, Abort):
             fds.close()
-            raise PeerAborted(f"peer aborted: {event.reason[:200]}")
+            raise PeerAborted(f"peer aborted: {event.reason[:200]}", event.serving)
         return event, fds
 
-    async def abort(self, reason: str) -> None:
-        """Tell the peer we give up (best effort: the channel may already be broken)."""
+    def _ready_now(self) -> tuple[Event, OwnedFds] | None:
+        while (got := self.session.next_event()) is None:
+            if not fdpass.recv_nowait(self.sock, self.session):
+                return None
+        return got
+
+    async def abort(self, reason: str, serving: bool) -> None:
+        """Tell the peer we give up, and whether we serve afterwards (best effort: the channel
+        may already be broken)."""
         with contextlib.suppress(ChannelError, ProtocolError):
-            await self.send(Abort(reason))
+            await self.send(Abort(reason, serving))
 
     def close(self) -> None:
         self.session.close()

@@ -48,6 +48,16 @@ async def send(sock: socket.socket, data: bytes, fds: list[int]) -> None:
     await trio.lowlevel.checkpoint()
 
 
+def recv_nowait(sock: socket.socket, session: Session, size: int = 1 << 20) -> bool:
+    """One recvmsg into `session` if something is there now; False when nothing was."""
+    try:
+        data, anc, flags, _ = sock.recvmsg(size, _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
+    except BlockingIOError:
+        return False
+    _feed(session, data, anc, flags)
+    return True
+
+
 async def recv(sock: socket.socket, session: Session, size: int = 1 << 20) -> None:
     """One recvmsg into `session`. Raises EOFError at end of stream, ProtocolError when the
     kernel had to truncate the fds (they are closed; the peer is to be dropped)."""
@@ -58,6 +68,11 @@ async def recv(sock: socket.socket, session: Session, size: int = 1 << 20) -> No
             await trio.lowlevel.wait_readable(sock)
             continue
         break
+    _feed(session, data, anc, flags)
+    await trio.lowlevel.checkpoint()
+
+
+def _feed(session: Session, data: bytes, anc: list[tuple[int, int, bytes]], flags: int) -> None:
     fds: list[int] = []
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -73,4 +88,3 @@ async def recv(sock: socket.socket, session: Session, size: int = 1 << 20) -> No
         session.receive_data(data)
     elif not fds:
         raise EOFError("takeover peer closed the channel")
-    await trio.lowlevel.checkpoint()

@@ -46,7 +46,7 @@ Message fields (JSON head; `body` holds the pending bytes the records point into
     ACK       {ids: [int]}
     RELEASED  {metrics, upgrade_pending: bool}
     DONE      {metrics}
-    ABORT     {reason}
+    ABORT     {reason, serving: bool}  (does the sender serve afterwards)
 A ConnRecord: {id, listener, mode, client, server, c2u: Dir, u2c: Dir} with
 Dir = {pending: [offset, length] into body, eof: bool, shut: bool}. Mode "tcp" and "tunnel" (an
 http Upgrade turned relay) carry two fds, client then upstream; "http" (an idle keep-alive
@@ -160,6 +160,9 @@ class Done:
 @dataclass(frozen=True)
 class Abort:
     reason: str
+    # Whether the sender serves after this ABORT. It settles the one crossing the stream order
+    # cannot: the new side gives up (serving=False, it exits) while RELEASED is on its way.
+    serving: bool = False
 
 
 Event = Hello | Welcome | Listeners | Ready | Conns | Ack | Released | Done | Abort
@@ -385,7 +388,7 @@ def _encode(event: Event, nfds: int) -> bytes:
     elif isinstance(event, Done):
         head = {"metrics": event.metrics}
     elif isinstance(event, Abort):
-        head = {"reason": event.reason[:MAX_REASON]}
+        head = {"reason": event.reason[:MAX_REASON], "serving": event.serving}
     else:
         head = {}
     return encode(mtype, head, body, nfds)
@@ -457,7 +460,7 @@ def _decode(mtype: MsgType, frame: Frame) -> Event:
         return Released(_metrics(h), h.get("upgrade_pending", bool, False))
     if mtype is MsgType.DONE:
         return Done(_metrics(h))
-    return Abort(str(h.get("reason", str, ""))[:MAX_REASON])
+    return Abort(str(h.get("reason", str, ""))[:MAX_REASON], h.get("serving", bool, False))
 
 
 def _metrics(h: _Head) -> dict[str, list[Any]]:

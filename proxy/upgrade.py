@@ -43,7 +43,7 @@ from typing import Any
 import trio
 
 from proxy import __version__, log, notify, pidfile
-from proxy.channel import Channel, ChannelError, peer_allowed
+from proxy.channel import Channel, ChannelError, PeerAborted, peer_allowed
 from proxy.config import Config
 from proxy.faults import fault_point
 from proxy.metrics import Metrics, delta
@@ -141,6 +141,7 @@ class Attempt:
     finished: trio.Event = field(default_factory=trio.Event)  # released, or rolled back
     error: UpgradeError | None = None  # why it failed (before RELEASED)
     cause: str = ""  # why its session ended early (at any point)
+    successor_quits: bool = False  # the peer ABORTed saying it will not serve
     released: bool = False
     session_scope: trio.CancelScope | None = None
 
@@ -393,6 +394,8 @@ class Upgrader:
                     # ends that session; it never takes the serving generation down with it.
                     if not isinstance(exc, ChannelError | UpgradeError):
                         log.error("takeover_session_error", error=repr(exc)[:300])
+                    if isinstance(exc, PeerAborted) and not exc.serving:
+                        attempt.successor_quits = True
                     attempt.fail(exc if isinstance(exc, UpgradeError)
                                  else SessionFailed(str(exc)))
             # Failed, or cancelled (upgrade timeout, the child exited, a graceful stop).
@@ -409,7 +412,7 @@ class Upgrader:
             # Nothing but listener copies moved: a rollback changes nothing for clients. (A
             # peer that never said a valid HELLO is just dropped: we owe it no answer.)
             if ch.session.state is not State.IDLE:
-                await ch.abort(str(attempt.error or "aborted"))
+                await ch.abort(str(attempt.error or "aborted"), serving=True)
             if own:
                 return  # _attempt settles it (kills the child, logs, counts)
             if ch.session.state is State.IDLE:
@@ -429,12 +432,19 @@ class Upgrader:
                 fds.close()
                 if isinstance(event, Ack):
                     self.server.acknowledge(event.ids)
-        await ch.abort(attempt.cause or "aborted")
+        await ch.abort(attempt.cause or "aborted", serving=False)
         self.server.hold.release()
         kept = self.server.resume_exported()
         if kept:
             log.info("handover_resumed", connections=kept)
-        if await pidfile.wait_gone(peer_pid, SUCCESSOR_EXIT_WAIT):
+        quits = attempt.successor_quits  # it gave up before it saw RELEASED: it exits
+        gone = await pidfile.wait_gone(
+            peer_pid, self.cfg.proxy.upgrade_timeout if quits else SUCCESSOR_EXIT_WAIT)
+        if quits and not gone and attempt.child is not None:
+            self._killed.add(peer_pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(peer_pid, signal.SIGKILL)
+        if gone or quits:
             # The generation we released to is gone: nobody serves; we do again. The upgrade
             # did not stick: count and record it as failed.
             reason = f"the new generation (pid {peer_pid}) died after it took over: {attempt.cause}"

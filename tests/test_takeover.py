@@ -196,7 +196,7 @@ def test_byte_literals_of_each_message() -> None:
     assert old.send(Listeners(("web@127.0.0.1:80",)), [5]) == frame(
         3, b'{"listeners":["web@127.0.0.1:80"]}', nfds=1)
     assert Session(Role.NEW).send(Hello(1, "", (1, 2))).startswith(b"PXTK\x00\x01\x00\x01")
-    assert old.send(Abort("no")) == frame(9, b'{"reason":"no"}')
+    assert old.send(Abort("no", serving=True)) == frame(9, b'{"reason":"no","serving":true}')
 
 
 def test_conns_body_and_ack_bytes() -> None:

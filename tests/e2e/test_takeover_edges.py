@@ -355,3 +355,35 @@ async def test_a_signal_while_a_peer_holds_the_channel_is_carried_out_after_it()
                              timeout=30)
             assert metric(p, "proxy_upgrades_total", result="success") == 1
             nursery.cancel_scope.cancel()
+
+
+async def test_new_generation_frozen_across_released_carries_on() -> None:
+    """SIGSTOP of the new generation right after READY, held past upgrade_timeout: RELEASED
+    waits in its socket. On SIGCONT it reads it (not "timed out") and serves; the old one waited
+    for it rather than serving beside it, and no stream noticed more than the freeze."""
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery, deployment(
+                nursery, proxy={"upgrade_timeout": 2.0}) as p:
+            ss = StreamSet(p.port, 6).start(nursery)
+            await wait_until(streams_progress(ss.streams))
+            old = p.pid()
+            mark = len(p.text())
+            os.kill(old, signal.SIGUSR2)
+            m = await trio.to_thread.run_sync(lambda: p.wait_log(
+                r"event=phase gen=2 pid=(\d+) phase=taking_over", start=mark))
+            new = int(m.group(1))
+            os.kill(new, signal.SIGSTOP)
+            try:
+                await trio.to_thread.run_sync(lambda: p.wait_log(
+                    rf"pid={old} phase=released successor_pid={new}", start=mark))
+                await trio.sleep(3.0)  # the fault itself: frozen past upgrade_timeout
+                assert serving_generations(p) == [new] or not serving_generations(p)
+            finally:
+                os.kill(new, signal.SIGCONT)
+            await wait_until(lambda: p.serving_pid() == new and not alive(old), timeout=30)
+            assert "event=takeover_aborted" not in p.text()
+            await wait_until(streams_progress(ss.streams))
+            assert metric(p, "proxy_upgrades_total", result="success") == 1
+            await ss.finish()
+            nursery.cancel_scope.cancel()
+    assert_clean(ss.streams)
