@@ -21,7 +21,7 @@ it (`Server.open_listeners`, `Server.adopt`); any error closes the unclaimed one
 
 from __future__ import annotations
 
-import gc
+import math
 import os
 import socket
 import time
@@ -51,9 +51,10 @@ from proxy.takeover import (
     Session,
     Welcome,
 )
-from proxy.upgrade import STDERR_FD_ENV, gc_paused
+from proxy.upgrade import STDERR_FD_ENV, GcPause, gc_paused
 
 OLD_EXIT_WAIT = 1.0  # a broken session: how long the old pid gets to show it died
+GC_IDLE = 0.2  # no batch for this long: the burst is over, the collector comes back on
 
 
 class TakeoverRefused(Exception):
@@ -94,7 +95,6 @@ async def take_over(cfg: Config, server: Server, metrics: Metrics,
         await t.run()
     finally:
         ch.close()
-        gc.freeze()  # see upgrade.GC_NOTE: what we adopted lives long
 
 
 class _Takeover:
@@ -193,27 +193,39 @@ class _Takeover:
 
     async def _receive_all(self) -> None:
         ch = self.ch
-        while True:
-            # Before RELEASED the old generation answers at once; after it, a batch may wait
-            # for a request to finish (up to its drain_timeout), and DONE comes by then.
-            timeout = (self.cfg.proxy.upgrade_timeout if not self.serving
-                       else self.cfg.proxy.drain_timeout + self.cfg.proxy.upgrade_timeout)
-            event, fds = await ch.receive(timeout=timeout)
-            if isinstance(event, Conns):
-                await self._adopt(event, fds)
-                continue
-            fds.close()
-            if isinstance(event, Released):
-                self.metrics.restore(event.metrics)  # strict: ValueError aborts before serving
-                self._become_serving(event.upgrade_pending)
-                await fault_point("new", "after_released")
-            elif isinstance(event, Done):
-                self.metrics.restore(event.metrics)
-                log.info("takeover_done", old_pid=self.old_pid, adopted=self.adopted)
-                self._give_channel()
-                return
-            else:
-                raise ProtocolError(f"unexpected {type(event).__name__}")
+        gcp = GcPause()  # see upgrade.GC_NOTE
+        gcp.pause()
+        try:
+            while True:
+                # Before RELEASED the old generation answers at once; after it, a batch may
+                # wait for a request to finish (up to its drain_timeout), and DONE by then.
+                timeout = (self.cfg.proxy.upgrade_timeout if not self.serving
+                           else self.cfg.proxy.drain_timeout + self.cfg.proxy.upgrade_timeout)
+                with trio.move_on_after(GC_IDLE if gcp.paused else math.inf) as idle:
+                    event, fds = await ch.receive(timeout=timeout)
+                if idle.cancelled_caught:
+                    # No batch for a while: the burst is over; what we adopted lives long.
+                    # (A cancelled receive keeps in the session what it had read.)
+                    gcp.resume(freeze=True)
+                    event, fds = await ch.receive(timeout=timeout)
+                if isinstance(event, Conns):
+                    gcp.pause()
+                    await self._adopt(event, fds)
+                    continue
+                fds.close()
+                if isinstance(event, Released):
+                    self.metrics.restore(event.metrics)  # strict: ValueError aborts before serving
+                    self._become_serving(event.upgrade_pending)
+                    await fault_point("new", "after_released")
+                elif isinstance(event, Done):
+                    self.metrics.restore(event.metrics)
+                    log.info("takeover_done", old_pid=self.old_pid, adopted=self.adopted)
+                    self._give_channel()
+                    return
+                else:
+                    raise ProtocolError(f"unexpected {type(event).__name__}")
+        finally:
+            gcp.resume(freeze=True)
 
     async def _adopt(self, event: Conns, fds: OwnedFds) -> None:
         with fds:

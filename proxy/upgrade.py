@@ -111,22 +111,45 @@ class Stopping(UpgradeError):
 # GC_NOTE: a generation holding N pairs tracks ~80 objects per pair; a full collection over
 # them stops the process for up to hundreds of ms at 10k pairs, and a handover (old: pausing
 # them all; new: allocating them all) triggers several. So the collector is off while a
-# handover runs on either side (sessions may overlap: a depth count), and the new generation
-# freezes what it adopted (long-lived relays need not be scanned again).
+# handover moves batches on either side (sessions may overlap: a depth count), and the new
+# generation freezes what it adopted when the batches stop coming (long-lived relays need not be
+# scanned again). Never while a side merely waits: a slow request may take drain_timeout.
 _gc_depth = 0
+
+
+class GcPause:
+    """One holder's pause of the collector; the collector runs again when no holder pauses it.
+    `resume(freeze=True)` first moves everything alive to the permanent generation."""
+
+    def __init__(self) -> None:
+        self.paused = False
+
+    def pause(self) -> None:
+        global _gc_depth
+        if not self.paused:
+            self.paused = True
+            _gc_depth += 1
+            gc.disable()
+
+    def resume(self, freeze: bool = False) -> None:
+        global _gc_depth
+        if self.paused:
+            self.paused = False
+            _gc_depth -= 1
+            if freeze:
+                gc.freeze()
+            if _gc_depth == 0:
+                gc.enable()
 
 
 @contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
-    global _gc_depth
-    _gc_depth += 1
-    gc.disable()
+    pause = GcPause()
+    pause.pause()
     try:
         yield
     finally:
-        _gc_depth -= 1
-        if _gc_depth == 0:
-            gc.enable()
+        pause.resume()
 
 
 @dataclass(eq=False)
@@ -518,18 +541,19 @@ class Upgrader:
             self.request_upgrade()
         await fault_point("old", "after_released")
         srv.hold.hold()  # idle http clients stop taking requests: they move next
-        with gc_paused():
-            t0 = trio.current_time()
+        t0 = trio.current_time()
+        with gc_paused():  # only while batches flow, not while we wait for a slow request
             moved = await self._send_movable(ch)
-            log.info("handed_over", moved=moved,
-                     handover_ms=round((trio.current_time() - t0) * 1000, 1))
-            # What could not move yet (a connect in progress, a request half-served) finishes
-            # here and moves as soon as it can, up to drain_timeout.
-            with trio.move_on_after(self.cfg.proxy.drain_timeout) as drain:
-                while not srv.holds_nothing():
+        log.info("handed_over", moved=moved,
+                 handover_ms=round((trio.current_time() - t0) * 1000, 1))
+        # What could not move yet (a connect in progress, a request half-served) finishes
+        # here and moves as soon as it can, up to drain_timeout.
+        with trio.move_on_after(self.cfg.proxy.drain_timeout) as drain:
+            while not srv.holds_nothing():
+                with gc_paused():
                     moved += await self._send_movable(ch)
-                    if not srv.holds_nothing():
-                        await srv.wait_changed()
+                if not srv.holds_nothing():
+                    await srv.wait_changed()
         if drain.cancelled_caught:
             log.warning("drain_timeout", left=len(srv.conns), busy=srv.busy)
             srv.stop_handlers()
