@@ -32,8 +32,10 @@ import trio
 
 from proxy import __version__, log, pidfile
 from proxy.channel import Channel, ChannelError, PeerAborted, connect_channel
+from proxy.child import STDERR_FD_ENV
 from proxy.config import Config
 from proxy.faults import fault_point
+from proxy.gcpause import GcPause, gc_paused
 from proxy.metrics import Metrics
 from proxy.server import TAKEOVER_LISTENER, Server, listener_key
 from proxy.takeover import (
@@ -51,7 +53,6 @@ from proxy.takeover import (
     Session,
     Welcome,
 )
-from proxy.upgrade import STDERR_FD_ENV, GcPause, gc_paused
 
 OLD_EXIT_WAIT = 1.0  # a broken session: how long the old pid gets to show it died
 GC_IDLE = 0.2  # no batch for this long: the burst is over, the collector comes back on
@@ -193,7 +194,7 @@ class _Takeover:
 
     async def _receive_all(self) -> None:
         ch = self.ch
-        gcp = GcPause()  # see upgrade.GC_NOTE
+        gcp = GcPause()  # see gcpause.GC_NOTE
         gcp.pause()
         try:
             while True:

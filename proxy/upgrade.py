@@ -28,14 +28,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import gc
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -44,8 +41,10 @@ import trio
 
 from proxy import __version__, log, notify, pidfile
 from proxy.channel import Channel, ChannelError, PeerAborted, peer_allowed
+from proxy.child import STDERR_TAIL_LINES, pump_stderr, spawn_child
 from proxy.config import Config
 from proxy.faults import fault_point
+from proxy.gcpause import gc_paused
 from proxy.metrics import Metrics, delta
 from proxy.server import TAKEOVER_LISTENER, Server, listener_key
 from proxy.takeover import (
@@ -64,8 +63,6 @@ from proxy.takeover import (
     Welcome,
 )
 
-STDERR_FD_ENV = "PROXY_STDERR_FD"  # set for the child: the real stderr's fd (adopt.adopt_stderr)
-STDERR_TAIL_LINES = 20
 CLOSE_WAIT = 5.0  # after DONE, how long we wait for the new generation to hang up
 HELLO_TIMEOUT = 5.0  # a peer that connects and says nothing must not hold the channel
 BATCH_CONNS = 64  # connections per CONNS batch (the fd limit alone would allow 126)
@@ -106,50 +103,6 @@ class SessionFailed(UpgradeError):
 
 class Stopping(UpgradeError):
     pass
-
-
-# GC_NOTE: a generation holding N pairs tracks ~80 objects per pair; a full collection over
-# them stops the process for up to hundreds of ms at 10k pairs, and a handover (old: pausing
-# them all; new: allocating them all) triggers several. So the collector is off while a
-# handover moves batches on either side (sessions may overlap: a depth count), and the new
-# generation freezes what it adopted when the batches stop coming (long-lived relays need not be
-# scanned again). Never while a side merely waits: a slow request may take drain_timeout.
-_gc_depth = 0
-
-
-class GcPause:
-    """One holder's pause of the collector; the collector runs again when no holder pauses it.
-    `resume(freeze=True)` first moves everything alive to the permanent generation."""
-
-    def __init__(self) -> None:
-        self.paused = False
-
-    def pause(self) -> None:
-        global _gc_depth
-        if not self.paused:
-            self.paused = True
-            _gc_depth += 1
-            gc.disable()
-
-    def resume(self, freeze: bool = False) -> None:
-        global _gc_depth
-        if self.paused:
-            self.paused = False
-            _gc_depth -= 1
-            if freeze:
-                gc.freeze()
-            if _gc_depth == 0:
-                gc.enable()
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    pause = GcPause()
-    pause.pause()
-    try:
-        yield
-    finally:
-        pause.resume()
 
 
 @dataclass(eq=False)
@@ -310,13 +263,13 @@ class Upgrader:
         self._child_tail.clear()
         self.set_phase(Phase.SPAWNING)
         try:
-            attempt.child = await self._spawn_child()
+            attempt.child = await spawn_child(self.argv)
         except OSError as exc:
             attempt.fail(SpawnFailed(f"cannot start the next generation: {exc}"))
         if attempt.child is not None:
             proc = attempt.child
             log.info("upgrade_spawned", child_pid=proc.pid)
-            self.spawn(self._pump_stderr, proc)
+            self.spawn(pump_stderr, proc, self._child_tail)
 
             async def watch_child() -> None:
                 await proc.wait()
@@ -366,38 +319,6 @@ class Upgrader:
             self.spawn(self.server.accept_all)  # a no-op if we never stopped
             self.set_phase(Phase.SERVING)
         return False
-
-    async def _spawn_child(self) -> trio.Process:
-        # The child logs into a pipe we read (so a failure report can quote its stderr) and
-        # switches to our real stderr, passed as an extra fd, once it serves.
-        real_stderr = os.dup(2)
-        try:
-            return await trio.lowlevel.open_process(
-                [sys.executable, "-m", "proxy", *self.argv], stdin=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, pass_fds=(real_stderr,),
-                env={**os.environ, STDERR_FD_ENV: str(real_stderr)})
-        finally:
-            os.close(real_stderr)
-
-    async def _pump_stderr(self, proc: trio.Process) -> None:
-        """Copy the child's stderr to ours line by line, keeping a tail for failure reports."""
-        assert proc.stderr is not None
-        buf = b""
-        out = sys.stderr.buffer
-        async with proc.stderr:
-            while True:
-                try:
-                    chunk = await proc.stderr.receive_some(65536)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    break
-                if not chunk:
-                    break
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    self._child_tail.append(line.decode("utf-8", "replace"))
-                    out.write(line + b"\n")
-                out.flush()
 
     # ---- one session ---------------------------------------------------------------------------
 
