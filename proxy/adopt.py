@@ -150,9 +150,6 @@ class _Takeover:
                 self.channel_sock.close()
             raise TakeoverRefused(reason) from None if isinstance(exc, trio.Cancelled) else exc
         task_status.started(self.generation)
-        await ch.send(Ready())
-        log.info("phase", phase="taking_over", old_pid=self.old_pid,
-                 protocol=ch.session.version)
 
     async def run(self) -> None:
         """READY .. DONE, adopting connection batches; see the module docstring for who decides
@@ -161,6 +158,9 @@ class _Takeover:
             # While a predecessor still hands over, this generation is not empty (if it is
             # upgraded meanwhile, it waits for that before its own DONE: counts stay exact).
             with self.server.working():
+                await self.ch.send(Ready())
+                log.info("phase", phase="taking_over", old_pid=self.old_pid,
+                         protocol=self.ch.session.version)
                 await self._receive_all()
             return
         except trio.Cancelled:
