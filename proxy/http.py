@@ -39,8 +39,10 @@ import trio
 
 from proxy import headers as hdr
 from proxy import log
+from proxy.bodypump import PeerClosed, flush, pump_body
 from proxy.config import Address, Listener, Upstream
 from proxy.forward import Relay
+from proxy.framing import FramingError, Kind, framer_for
 from proxy.metrics import Metrics
 from proxy.movable import DirectionSnapshot, PairSnapshot, State
 from proxy.upstream import Balancer, NoUpstream, ServerState, connect
@@ -152,6 +154,10 @@ class UpstreamBroken(Exception):
     """The upstream failed mid-exchange (after the response head went to the client)."""
 
 
+class ClientGone(Exception):
+    """The client closed or reset while its request body was still coming."""
+
+
 async def _recv_waiting(sock: socket.socket) -> bytes:
     """Wait for the socket to be readable, then read. (Waiting first: when we get here we have
     just asked the peer for something, so a read now would only find nothing.)"""
@@ -201,12 +207,7 @@ class HttpClient:
         self.sock = sock
         self.client = client
         self.client_ip = client.rsplit(":", 1)[0].strip("[]")
-        self.conn = h11.Connection(h11.SERVER,
-                                   max_incomplete_event_size=side.listener.max_header_size)
-        if buffered:
-            self.conn.receive_data(buffered)
-        if eof:
-            self.conn.receive_data(b"")
+        self.conn = self._new_conn(buffered, eof)
         self.state = State.NEW
         self.idle = False
         self.requests = 0
@@ -215,6 +216,17 @@ class HttpClient:
         self._closing = False
         self._idle_scope = trio.CancelScope()  # cancels only the wait for a request head
         self._stopped = trio.Event()
+
+    def _new_conn(self, buffered: bytes | bytearray = b"", eof: bool = False) -> h11.Connection:
+        """A fresh h11 server connection (each request cycle after a raw body starts one),
+        fed the bytes already read for it."""
+        conn = h11.Connection(h11.SERVER,
+                              max_incomplete_event_size=self.side.listener.max_header_size)
+        if buffered:
+            conn.receive_data(bytes(buffered))
+        if eof:
+            conn.receive_data(b"")
+        return conn
 
     # ---- the handover interface (as Relay's) -------------------------------------------------
 
@@ -263,7 +275,7 @@ class HttpClient:
         result = State.CLOSED
         try:
             result = await self._serve()
-        except (OSError, h11.ProtocolError, UpstreamBroken) as exc:
+        except (OSError, h11.ProtocolError, UpstreamBroken, ClientGone) as exc:
             log.debug("http_conn_error", client=self.client, error=repr(exc))
         finally:
             self.idle = False
@@ -285,8 +297,8 @@ class HttpClient:
                 return State.TUNNEL
             if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
                 self.conn.start_next_cycle()
-            else:
-                return State.CLOSED
+            elif not (self.conn.our_state is h11.IDLE and self.conn.their_state is h11.IDLE):
+                return State.CLOSED  # (IDLE/IDLE: a raw exchange kept it alive, see _raw)
 
     async def _next_request(self) -> h11.Request | State:
         """Wait (movable) for the next request head. CLOSED on EOF, timeout or a bad head."""
@@ -433,6 +445,7 @@ class HttpClient:
         side = self.side
         upc = up.conn
         up.server.active += 1
+        raw: RawExchange | None = None
         sent_head = False
         status = 0
         nbytes = 0
@@ -440,6 +453,13 @@ class HttpClient:
             out = bytearray(upc.send(h11.Request(  # headers came from h11's parser: _parsed
                 method=req.method, target=req.target, headers=up_headers, http_version=b"1.1",
                 _parsed=True)) or b"")
+            if not tunnel:
+                raw = RawExchange(self, req, up, out)
+                try:
+                    await raw.run()
+                finally:
+                    status, nbytes, sent_head = raw.status, raw.nbytes, raw.sent_head
+                return None
             first = True
             while True:  # the request body, streamed: one client read at a time
                 try:
@@ -513,6 +533,14 @@ class HttpClient:
                 else:  # ConnectionClosed before the end
                     raise UpstreamBroken("upstream closed mid-response")
             return None
+        except ClientGone:
+            up.close()
+            raise
+        except FramingError as exc:  # the client's request body: malformed chunked framing
+            up.close()
+            await self._error(exc.status_hint, str(exc))
+            status = exc.status_hint
+            return None
         except (OSError, UpstreamBroken, trio.TooSlowError, h11.LocalProtocolError) as exc:
             up.close()
             if not sent_head and status == 0:
@@ -524,9 +552,13 @@ class HttpClient:
             raise UpstreamBroken(str(exc)) from exc
         finally:
             up.server.active -= 1
+            if raw is not None:
+                status, nbytes = raw.status, raw.nbytes
             if status and status not in (502, 504):
                 self._record(status, method, target, str(up.server.addr), nbytes, t0)
-            if status != 101:
+            if raw is not None:
+                raw.finish(up)
+            elif status != 101:
                 if (upc.our_state is h11.DONE and upc.their_state is h11.DONE
                         and up.sock.fileno() >= 0):
                     upc.start_next_cycle()
@@ -561,3 +593,174 @@ class HttpClient:
                      count_c2u=side.count_c2u, count_u2c=side.count_u2c,
                      state=PairSnapshot(c2u=DirectionSnapshot(bytes(client_extra), client_eof),
                                         u2c=DirectionSnapshot(bytes(up_extra), up_eof)))
+
+
+class RawExchange:
+    """One request/response whose bodies move raw (bodypump.py): h11 parses and writes the
+    heads; a BodyFramer follows each body, whose wire bytes go through unchanged.
+
+    Phases: "request_body" (client -> upstream), "response_head" (waiting for the upstream's
+    head, parsed by h11), "response_body" (upstream -> client). The response body goes raw when
+    the client's framing is the upstream's: an HTTP/1.1 client and a Content-Length or chunked
+    response (h11 would re-frame an until-EOF response, or any body for an HTTP/1.0 client:
+    those take h11's copy path, and the client connection closes after them).
+
+    After the exchange, each side that stays open gets a fresh h11 connection fed the bytes
+    read past the message (`after`: pipelined requests), since h11's own state never saw the
+    bodies (`finish`).
+    """
+
+    def __init__(self, client: HttpClient, req: h11.Request, up: UpConn, head: bytearray) -> None:
+        self.c = client
+        self.req = req
+        self.up = up
+        self.phase = "request_body"
+        self.to_up = head  # the request head, then body bytes not yet written upstream
+        self.after = bytearray()  # client bytes past the request body
+        self.to_client = bytearray()
+        self.up_after = bytearray()  # upstream bytes past the response body (keeps it out of the pool)
+        self.status = 0
+        self.nbytes = 0
+        self.sent_head = False
+        self.raw_response = False
+        self.done = False
+        self.resp_keep = False
+        headers = _pairs(req.headers)
+        self.client_keep = req.http_version == b"1.1" and b"close" not in hdr.tokens(
+            headers, b"connection")
+        self.req_framer = framer_for(req.method, headers,
+                                     max_line=client.side.listener.max_header_size)
+        body0 = client.conn.trailing_data[0]
+        n, _ = self.req_framer.feed(bytes(body0))
+        self.to_up += body0[:n]
+        self.after += body0[n:]
+
+    async def run(self) -> None:
+        c, up = self.c, self.up
+        side = c.side
+        idle = side.listener.idle_timeout
+        try:
+            head_len = len(self.to_up)
+            try:
+                await flush(up.sock, self.to_up, side.count_c2u)
+            except OSError as exc:
+                if up.reused and len(self.to_up) == head_len:
+                    raise Retry() from exc  # a pooled connection dead before it saw anything
+                raise
+            await pump_body(c.sock, up.sock, self.req_framer, self.to_up, self.after,
+                            side.count_c2u, idle)
+        except PeerClosed as exc:
+            raise ClientGone(str(exc)) from exc
+        except trio.TooSlowError as exc:
+            raise ClientGone("request body idle past idle_timeout") from exc
+        self.phase = "response_head"
+        resp = await self._response_head()
+        if resp is None:
+            return
+        self.phase = "response_body"
+        try:
+            await self._response_body(resp)
+        except FramingError as exc:
+            raise UpstreamBroken(f"bad response framing: {exc}") from exc
+        except PeerClosed as exc:
+            raise UpstreamBroken(f"upstream closed mid-response: {exc}") from exc
+        except trio.TooSlowError as exc:
+            raise UpstreamBroken("upstream idle past idle_timeout") from exc
+        self.done = True
+
+    async def _response_head(self) -> h11.Response | None:
+        """The upstream's response head (1xx ones forwarded); None after a 504."""
+        c, up = self.c, self.up
+        side = c.side
+        upc = up.conn
+        deadline = trio.current_time() + side.listener.response_timeout
+        got_any = False
+        while True:
+            try:
+                event = upc.next_event()
+            except h11.RemoteProtocolError as exc:
+                if up.reused and not got_any:
+                    raise Retry() from exc
+                raise UpstreamBroken(str(exc)) from exc
+            if event is h11.NEED_DATA:
+                with trio.CancelScope(deadline=deadline) as t:
+                    chunk = await _recv_waiting(up.sock)
+                if t.cancelled_caught:
+                    up.close()
+                    await c._error(504, "no response within response_timeout")
+                    self.status = 504
+                    return None
+                got_any = got_any or bool(chunk)
+                upc.receive_data(chunk)
+                continue
+            if isinstance(event, h11.Response):
+                return event
+            if isinstance(event, h11.InformationalResponse) and event.status_code != 101:
+                await flush(c.sock, bytearray(c.conn.send(h11.InformationalResponse(
+                    status_code=event.status_code,
+                    headers=hdr.client_response(_pairs(event.headers)), _parsed=True)) or b""),
+                    side.count_u2c)
+                continue
+            raise UpstreamBroken("upstream closed (or switched protocols) before a response")
+
+    async def _response_body(self, resp: h11.Response) -> None:
+        c, up = self.c, self.up
+        side = c.side
+        self.status = resp.status_code
+        headers = _pairs(resp.headers)
+        framer = framer_for(self.req.method, headers, resp.status_code)
+        self.resp_keep = resp.http_version == b"1.1" and b"close" not in hdr.tokens(
+            headers, b"connection") and framer.kind is not Kind.EOF
+        head = c.conn.send(h11.Response(
+            status_code=resp.status_code, reason=resp.reason,
+            headers=hdr.client_response(headers), _parsed=True)) or b""
+        self.sent_head = True
+        if self.req.http_version != b"1.1" or framer.kind is Kind.EOF:
+            await self._copy_body(head)
+            return
+        self.raw_response = True
+        self.to_client += head
+        body0 = up.conn.trailing_data[0]
+        n, _ = framer.feed(bytes(body0))
+        self.to_client += body0[:n]
+        self.up_after += body0[n:]
+        self.resp_framer = framer
+        await pump_body(up.sock, c.sock, framer, self.to_client, self.up_after, side.count_u2c,
+                        side.listener.idle_timeout)
+        self.nbytes = framer.payload
+
+    async def _copy_body(self, head: bytes) -> None:
+        """h11's copy path (it re-frames the body for this client); the client connection
+        closes after it (h11 never saw the raw request body, so no next cycle)."""
+        c, upc = self.c, self.up.conn
+        out = bytearray(head)
+        self.client_keep = False
+        while True:
+            event = upc.next_event()
+            if event is h11.NEED_DATA:
+                await flush(c.sock, out, c.side.count_u2c)
+                with trio.fail_after(c.side.listener.idle_timeout or math.inf):
+                    upc.receive_data(await _recv_waiting(self.up.sock))
+                continue
+            if isinstance(event, h11.Data):
+                self.nbytes += len(event.data)
+                out += c.conn.send(event) or b""
+            elif isinstance(event, h11.EndOfMessage):
+                out += c.conn.send(h11.EndOfMessage()) or b""
+                await flush(c.sock, out, c.side.count_u2c)
+                self.resp_keep = False  # h11's client side never saw our raw request body
+                self.done = True
+                return
+            else:
+                raise PeerClosed("upstream closed mid-response")
+
+    def finish(self, up: UpConn) -> None:
+        """Keep-alive bookkeeping once the exchange ended (well or not)."""
+        c = self.c
+        if self.done and self.raw_response and self.client_keep:
+            c.conn = c._new_conn(self.after)  # the next request cycle, pipelined bytes and all
+        if (self.done and self.resp_keep and not self.up_after and up.sock.fileno() >= 0):
+            up.conn = h11.Connection(h11.CLIENT)
+            c.side.pool.give(up, trio.current_time())
+        elif up.sock.fileno() >= 0:
+            up.close()
