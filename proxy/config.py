@@ -84,6 +84,10 @@ class Listener:
     response_timeout: float = 60.0  # request sent -> response head received (504)
     max_header_size: int = 32768  # bytes of request head (431 above)
     access_log: bool = True  # one log line per request
+    # after an error answered before the request was read whole (nginx's names; see linger.py)
+    lingering_close: str = "on"  # off | on (when more input may come) | always
+    lingering_time: float = 30.0  # read and discard the client's input for at most this long...
+    lingering_timeout: float = 5.0  # ...and stop once it sends nothing for this long
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ class Config:
 MODES = ("tcp", "http")
 BALANCES = ("round_robin", "least_conn")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LINGERING = ("off", "on", "always")
 
 
 class _Table:
@@ -260,6 +265,9 @@ def _listener(key: str, raw: object) -> Listener:
         response_timeout=t.get("response_timeout", _positive_seconds, d.response_timeout),
         max_header_size=t.get("max_header_size", _count, d.max_header_size),
         access_log=t.get("access_log", _bool, d.access_log),
+        lingering_close=t.get("lingering_close", _choice(LINGERING), d.lingering_close),
+        lingering_time=t.get("lingering_time", _positive_seconds, d.lingering_time),
+        lingering_timeout=t.get("lingering_timeout", _positive_seconds, d.lingering_timeout),
     )
     t.finish()
     return listener

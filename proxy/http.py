@@ -9,8 +9,11 @@ both sides over as pending data.
 
 Errors get a short body and a closed connection: 400 malformed (h11's hint), 431 head too big,
 408 head too slow (`header_timeout`), 502 no server reachable or a broken upstream, 504 no
-response head within `response_timeout`, 503 (in server.py) above `max_connections`. A request
-with ambiguous framing is refused before anything reaches a backend (headers.framing_problem).
+response head within `response_timeout`, 503 (in server.py) above `max_connections`. An error
+answered before the request was read whole ends with a lingering close (linger.py: half-close,
+read and discard for a bounded time, then close): the client's unread input would otherwise
+turn our close into a reset that overtakes the answer. A request with ambiguous framing is
+refused before anything reaches a backend (headers.framing_problem).
 A request whose pooled connection turns out dead before any response byte is retried once on a
 fresh connection when it is idempotent and has no body; connect failures fail over (nothing sent).
 
@@ -38,7 +41,7 @@ import h11
 import trio
 
 from proxy import headers as hdr
-from proxy import log
+from proxy import linger, log
 from proxy.bodypump import PeerClosed, flush, pump_body
 from proxy.config import Address, Listener, Upstream
 from proxy.forward import Relay
@@ -212,8 +215,10 @@ class HttpClient:
         self.idle = False
         self.requests = 0
         self.tunnel: Relay | None = None
+        self.raw: RawExchange | None = None  # the exchange in progress on the raw body path
         self._pausing = False
         self._closing = False
+        self._answered_error = False  # an error response went out: the close may linger
         self._idle_scope = trio.CancelScope()  # cancels only the wait for a request head
         self._stopped = trio.Event()
 
@@ -275,6 +280,10 @@ class HttpClient:
         result = State.CLOSED
         try:
             result = await self._serve()
+            if result is State.CLOSED and self._should_linger():
+                # Not movable meanwhile (not idle): a generation waits for it as for a request
+                # in progress, which linger_close bounds by lingering_time.
+                await linger.linger_close(self.sock, self.side.listener)
         except (OSError, h11.ProtocolError, UpstreamBroken, ClientGone) as exc:
             log.debug("http_conn_error", client=self.client, error=repr(exc))
         finally:
@@ -284,6 +293,16 @@ class HttpClient:
             self.state = result
             self._stopped.set()
         return result
+
+    def _should_linger(self) -> bool:
+        if not self._answered_error:
+            return False
+        data, eof = self.conn.trailing_data
+        read_whole = self.conn.their_state in (h11.DONE, h11.MUST_CLOSE) and not data
+        if self.raw is not None:  # h11 never saw a raw body: its framer knows
+            read_whole = self.raw.req_framer.done and not self.raw.after
+        return linger.wanted(self.side.listener.lingering_close, self.sock,
+                             request_read=read_whole, eof=eof)
 
     async def _serve(self) -> State:
         while True:
@@ -364,7 +383,8 @@ class HttpClient:
 
     async def _error(self, status: int, detail: str) -> None:
         """Answer with a short error and make the connection close (if a response can still be
-        sent: nothing of one went out yet)."""
+        sent: nothing of one went out yet). The close lingers if the client may still be
+        sending (see run())."""
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         body = f"{status} {detail}\n".encode()
@@ -374,6 +394,7 @@ class HttpClient:
                     (b"content-type", b"text/plain; charset=utf-8"),
                     (b"content-length", str(len(body)).encode()), (b"connection", b"close")]),
                 h11.Data(data=body), h11.EndOfMessage())
+            self._answered_error = True
         self._record(status, "-", "-", "", 0, trio.current_time())
         log.info("http_error", listener=self.side.listener.name, client=self.client,
                  status=status, detail=detail[:200])
@@ -454,7 +475,7 @@ class HttpClient:
                 method=req.method, target=req.target, headers=up_headers, http_version=b"1.1",
                 _parsed=True)) or b"")
             if not tunnel:
-                raw = RawExchange(self, req, up, out)
+                raw = self.raw = RawExchange(self, req, up, out)
                 try:
                     await raw.run()
                 finally:
@@ -757,6 +778,8 @@ class RawExchange:
     def finish(self, up: UpConn) -> None:
         """Keep-alive bookkeeping once the exchange ended (well or not)."""
         c = self.c
+        if self.done:
+            c.raw = None
         if self.done and self.raw_response and self.client_keep:
             c.conn = c._new_conn(self.after)  # the next request cycle, pipelined bytes and all
         if (self.done and self.resp_keep and not self.up_after and up.sock.fileno() >= 0):

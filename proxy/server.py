@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from proxy import log, sockopts, upstream
+from proxy import linger, log, sockopts, upstream
 from proxy.config import Address, Config, Listener
 from proxy.forward import Relay
 from proxy.http import Hold, HttpClient, HttpSide, Pool
@@ -239,7 +239,7 @@ class Server:
         client = str(Address(*addr[:2]))
         if lr.http is not None and lr.active >= lr.cfg.max_connections:
             # http: refuse politely rather than leave the client hanging in the backlog.
-            self.handlers.start_soon(self._busy, _reject_503(csock, lr.cfg.name, self.metrics))
+            self.handlers.start_soon(self._busy, _reject_503(csock, lr.cfg, self.metrics))
             return
         conn = Conn(next(self._ids), lr.cfg.name, lr.cfg.mode, client, lr)
         self._add(conn)
@@ -505,24 +505,19 @@ class Server:
         return False
 
 
-async def _reject_503(sock: socket.socket, listener: str, metrics: Metrics) -> None:
-    """Answer 503 to a client above `max_connections` and close (after a short drain, so our
-    reply is not lost to a reset caused by its unread request)."""
+async def _reject_503(sock: socket.socket, cfg: Listener, metrics: Metrics) -> None:
+    """Answer 503 to a client above `max_connections` and close: a lingering close (its request
+    is unread), counted as work in progress by the caller, bounded by lingering_time."""
     body = b"503 too many connections\n"
     msg = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n"
            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
-    metrics.http_requests.labels(listener, "503").inc()
+    metrics.http_requests.labels(cfg.name, "503").inc()
     try:
-        sock.send(msg)
-        sock.shutdown(socket.SHUT_WR)
-        with trio.move_on_after(1.0):
-            while True:
-                try:
-                    if not sock.recv(65536):
-                        break
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(sock)
+        sock.send(msg)  # a fresh socket's send buffer holds it whole
     except OSError:
-        pass
-    finally:
+        sock.close()
+        return
+    if linger.wanted(cfg.lingering_close, sock, request_read=False, eof=False):
+        await linger.linger_close(sock, cfg)
+    else:
         sock.close()

@@ -43,6 +43,7 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
     lst = cfg.listeners[0]
     assert (lst.mode, lst.max_connections, lst.sockopts.nodelay) == ("tcp", 10000, True)
     assert lst.sockopts.keepalive == config.Keepalive(60.0, 10.0, 6)
+    assert (lst.lingering_close, lst.lingering_time, lst.lingering_timeout) == ("on", 30.0, 5.0)
     up = cfg.upstreams["app"]
     assert [str(s) for s in up.servers] == ["127.0.0.1:9000", "[::1]:9001", "localhost:9002"]
     assert up.balance == "round_robin" and up.connect_timeout == 3.0
@@ -90,6 +91,12 @@ def test_invalid_config_names_the_key(tmp_path: Path, text: str, expect: str) ->
     ('listen = "127.0.0.1:1"\nupstream = "app"\n', "listener[0].name: missing"),
     ('name = "web"\nlisten = "127.0.0.1:1"\nupstream = "app"\nnodelay = 1\n',
      "listener[0].nodelay: expected true or false"),
+    ('name = "web"\nlisten = "127.0.0.1:1"\nupstream = "app"\nlingering_close = true\n',
+     "listener[0].lingering_close: expected a non-empty string"),
+    ('name = "web"\nlisten = "127.0.0.1:1"\nupstream = "app"\nlingering_close = "yes"\n',
+     "listener[0].lingering_close: expected one of off, on, always"),
+    ('name = "web"\nlisten = "127.0.0.1:1"\nupstream = "app"\nlingering_timeout = 0\n',
+     "listener[0].lingering_timeout: must be greater than 0"),
 ])
 def test_invalid_listener_names_the_key(tmp_path: Path, listener: str, expect: str) -> None:
     with pytest.raises(config.ConfigError) as err:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.chaos import KINDS
+from bench.chaosfaults import KINDS
 from tests.support.proc import ROOT
 
 UPGRADES = 15
