@@ -45,9 +45,9 @@ from proxy import linger, log
 from proxy.bodypump import PeerClosed, flush, pump_body
 from proxy.config import Address, Listener, Upstream
 from proxy.forward import Relay
-from proxy.framing import FramingError, Kind, framer_for
+from proxy.framing import BodyFramer, FramingError, Kind, framer_for
 from proxy.metrics import Metrics
-from proxy.movable import DirectionSnapshot, PairSnapshot, State
+from proxy.movable import DirectionSnapshot, ExchangeState, PairSnapshot, State
 from proxy.upstream import Balancer, NoUpstream, ServerState, connect
 
 RECV_SIZE = 65536
@@ -161,6 +161,10 @@ class ClientGone(Exception):
     """The client closed or reset while its request body was still coming."""
 
 
+class Paused(Exception):
+    """A raw exchange stopped at a safe point to move to the next generation."""
+
+
 async def _recv_waiting(sock: socket.socket) -> bytes:
     """Wait for the socket to be readable, then read. (Waiting first: when we get here we have
     just asked the peer for something, so a read now would only find nothing.)"""
@@ -204,7 +208,8 @@ class HttpClient:
     """One http-mode client connection. See the module docstring for the handover contract."""
 
     def __init__(self, side: HttpSide, sock: socket.socket, client: str, *,
-                 buffered: bytes = b"", eof: bool = False) -> None:
+                 buffered: bytes = b"", eof: bool = False,
+                 exchange: tuple[ExchangeState, PairSnapshot, UpConn] | None = None) -> None:
         sock.setblocking(False)
         self.side = side
         self.sock = sock
@@ -216,6 +221,8 @@ class HttpClient:
         self.requests = 0
         self.tunnel: Relay | None = None
         self.raw: RawExchange | None = None  # the exchange in progress on the raw body path
+        if exchange is not None:  # adopted mid-exchange (ValueError: an impossible state)
+            self.raw = RawExchange.from_state(self, *exchange)
         self._pausing = False
         self._closing = False
         self._answered_error = False  # an error response went out: the close may linger
@@ -236,12 +243,19 @@ class HttpClient:
     # ---- the handover interface (as Relay's) -------------------------------------------------
 
     def movable(self) -> bool:
-        return self.state is State.RUNNING and self.idle
+        return self.state is State.RUNNING and (
+            self.idle or (self.raw is not None and self.raw.pausable))
+
+    def exchange_movable(self) -> bool:
+        """Movable, and only mid-exchange (a peer speaking protocol 3 or later can take it)."""
+        return self.movable() and not self.idle
 
     def request_pause(self) -> None:
         self._pausing = True
         if self.state is State.RUNNING and self.idle:
             self._idle_scope.cancel()
+        elif self.state is State.RUNNING and self.raw is not None and self.raw.pausable:
+            self.raw.scope.cancel()
 
     def request_close(self) -> None:
         """Graceful stop: close at the next idle point (now, if idle)."""
@@ -257,15 +271,25 @@ class HttpClient:
             await self._stopped.wait()
         if self.state is not State.PAUSED:
             return None
+        if self.raw is not None:
+            return self.raw.pair_snapshot()
         data, closed = self.conn.trailing_data
         return PairSnapshot(c2u=DirectionSnapshot(pending=bytes(data), eof=closed))
 
+    def exchange_state(self) -> ExchangeState | None:
+        """Paused mid-exchange: what the next generation needs besides the two sockets."""
+        return self.raw.state() if self.raw is not None and self.state is State.PAUSED else None
+
     def fds(self) -> tuple[int, ...]:
+        if self.raw is not None and self.state is State.PAUSED:
+            return self.sock.fileno(), self.raw.up.sock.fileno()
         return (self.sock.fileno(),)
 
     def close(self) -> None:
         self.state = State.CLOSED
         self.sock.close()
+        if self.raw is not None:
+            self.raw.up.close()
 
     # ---- serving ------------------------------------------------------------------------------
 
@@ -279,7 +303,10 @@ class HttpClient:
         self._pausing = False
         result = State.CLOSED
         try:
-            result = await self._serve()
+            try:
+                result = await self._serve()
+            except Paused:
+                result = State.PAUSED
             if result is State.CLOSED and self._should_linger():
                 # Not movable meanwhile (not idle): a generation waits for it as for a request
                 # in progress, which linger_close bounds by lingering_time.
@@ -305,6 +332,10 @@ class HttpClient:
                              request_read=read_whole, eof=eof)
 
     async def _serve(self) -> State:
+        if self.raw is not None:  # adopted mid-exchange: finish it first
+            await self._run_raw(self.raw)
+            if not (self.conn.our_state is h11.IDLE and self.conn.their_state is h11.IDLE):
+                return State.CLOSED
         while True:
             req = await self._next_request()
             if isinstance(req, State):
@@ -438,7 +469,14 @@ class HttpClient:
                 await self._error(502, str(exc))
                 return None
             try:
-                return await self._forward(req, up_headers, tunnel, up, method, target, t0)
+                if tunnel:
+                    return await self._forward(req, up_headers, tunnel, up, method, target, t0)
+                head = bytearray(up.conn.send(h11.Request(  # from h11's parser: _parsed
+                    method=req.method, target=req.target, headers=up_headers,
+                    http_version=b"1.1", _parsed=True)) or b"")
+                self.raw = RawExchange(self, req, up_headers, up, head, t0)
+                await self._run_raw(self.raw)
+                return None
             except Retry:
                 up.close()
                 if not retryable:
@@ -446,6 +484,42 @@ class HttpClient:
                 fresh = True
         await self._error(502, "upstream closed the connection")
         return None
+
+    async def _run_raw(self, raw: RawExchange) -> None:
+        """Run (or carry on with) a raw exchange; the bookkeeping around it: errors to
+        statuses, the access log and metrics, keep-alive. Raises Paused (it moves: nothing is
+        recorded here, the next generation does), Retry, ClientGone, UpstreamBroken."""
+        up = raw.up
+        up.server.active += 1
+        paused = False
+        try:
+            await raw.run()
+        except Paused:
+            paused = True
+            raise
+        except ClientGone:
+            up.close()
+            raise
+        except FramingError as exc:  # the client's request body: malformed chunked framing
+            up.close()
+            await self._error(exc.status_hint, str(exc))
+            raw.status = exc.status_hint
+        except (OSError, UpstreamBroken, trio.TooSlowError, h11.LocalProtocolError) as exc:
+            up.close()
+            if not raw.sent_head and raw.status == 0:
+                await self._error(502, f"upstream failed: {exc}")
+                raw.status = 502
+                return
+            log.info("http_upstream_broken", client=self.client, error=str(exc)[:200])
+            raise UpstreamBroken(str(exc)) from exc
+        finally:
+            up.server.active -= 1
+            if not paused:
+                if raw.status and raw.status not in (502, 504):
+                    self._record(raw.status, raw.req.method.decode("latin-1"),
+                                 raw.req.target.decode("latin-1"), str(up.server.addr),
+                                 raw.nbytes, raw.t0)
+                raw.finish(up)
 
     async def _upstream(self, fresh: bool) -> UpConn:
         side = self.side
@@ -466,7 +540,6 @@ class HttpClient:
         side = self.side
         upc = up.conn
         up.server.active += 1
-        raw: RawExchange | None = None
         sent_head = False
         status = 0
         nbytes = 0
@@ -474,13 +547,6 @@ class HttpClient:
             out = bytearray(upc.send(h11.Request(  # headers came from h11's parser: _parsed
                 method=req.method, target=req.target, headers=up_headers, http_version=b"1.1",
                 _parsed=True)) or b"")
-            if not tunnel:
-                raw = self.raw = RawExchange(self, req, up, out)
-                try:
-                    await raw.run()
-                finally:
-                    status, nbytes, sent_head = raw.status, raw.nbytes, raw.sent_head
-                return None
             first = True
             while True:  # the request body, streamed: one client read at a time
                 try:
@@ -554,14 +620,6 @@ class HttpClient:
                 else:  # ConnectionClosed before the end
                     raise UpstreamBroken("upstream closed mid-response")
             return None
-        except ClientGone:
-            up.close()
-            raise
-        except FramingError as exc:  # the client's request body: malformed chunked framing
-            up.close()
-            await self._error(exc.status_hint, str(exc))
-            status = exc.status_hint
-            return None
         except (OSError, UpstreamBroken, trio.TooSlowError, h11.LocalProtocolError) as exc:
             up.close()
             if not sent_head and status == 0:
@@ -573,13 +631,9 @@ class HttpClient:
             raise UpstreamBroken(str(exc)) from exc
         finally:
             up.server.active -= 1
-            if raw is not None:
-                status, nbytes = raw.status, raw.nbytes
             if status and status not in (502, 504):
                 self._record(status, method, target, str(up.server.addr), nbytes, t0)
-            if raw is not None:
-                raw.finish(up)
-            elif status != 101:
+            if status != 101:
                 if (upc.our_state is h11.DONE and upc.their_state is h11.DONE
                         and up.sock.fileno() >= 0):
                     upc.start_next_cycle()
@@ -624,18 +678,28 @@ class RawExchange:
     head, parsed by h11), "response_body" (upstream -> client). The response body goes raw when
     the client's framing is the upstream's: an HTTP/1.1 client and a Content-Length or chunked
     response (h11 would re-frame an until-EOF response, or any body for an HTTP/1.0 client:
-    those take h11's copy path, and the client connection closes after them).
+    those take h11's copy path, "copy", and the client connection closes after them).
+
+    Moving: in each of the three phases the exchange waits only at pause-safe points (see
+    bodypump.py), so `scope.cancel()` stops it with a state that describes every byte:
+    `pair_snapshot()` + `state()`, and `from_state()` in the next generation carries on. The
+    next generation rebuilds h11's side of the heads by replaying them into fresh connections
+    (never h11's private state).
 
     After the exchange, each side that stays open gets a fresh h11 connection fed the bytes
     read past the message (`after`: pipelined requests), since h11's own state never saw the
     bodies (`finish`).
     """
 
-    def __init__(self, client: HttpClient, req: h11.Request, up: UpConn, head: bytearray) -> None:
+    def __init__(self, client: HttpClient, req: h11.Request, up_headers: hdr.Headers,
+                 up: UpConn, head: bytearray, t0: float) -> None:
         self.c = client
         self.req = req
+        self.up_headers = up_headers
         self.up = up
+        self.t0 = t0
         self.phase = "request_body"
+        self.scope = trio.CancelScope()  # cancelled by HttpClient.request_pause()
         self.to_up = head  # the request head, then body bytes not yet written upstream
         self.after = bytearray()  # client bytes past the request body
         self.to_client = bytearray()
@@ -646,6 +710,8 @@ class RawExchange:
         self.raw_response = False
         self.done = False
         self.resp_keep = False
+        self.resp_framer: BodyFramer | None = None
+        self._safe = True  # False around the few awaits that are not pause-safe
         headers = _pairs(req.headers)
         self.client_keep = req.http_version == b"1.1" and b"close" not in hdr.tokens(
             headers, b"connection")
@@ -656,37 +722,56 @@ class RawExchange:
         self.to_up += body0[:n]
         self.after += body0[n:]
 
+    @property
+    def pausable(self) -> bool:
+        return self._safe and self.phase in ("request_body", "response_head", "response_body")
+
     async def run(self) -> None:
+        """Carry on from the current phase to the end; Paused if `scope` was cancelled."""
+        with self.scope:
+            await self._run()
+        if self.scope.cancelled_caught:
+            raise Paused()
+
+    async def _run(self) -> None:
         c, up = self.c, self.up
         side = c.side
-        idle = side.listener.idle_timeout
-        try:
-            head_len = len(self.to_up)
+        if self.phase == "request_body":
             try:
-                await flush(up.sock, self.to_up, side.count_c2u)
-            except OSError as exc:
-                if up.reused and len(self.to_up) == head_len:
-                    raise Retry() from exc  # a pooled connection dead before it saw anything
-                raise
-            await pump_body(c.sock, up.sock, self.req_framer, self.to_up, self.after,
-                            side.count_c2u, idle)
-        except PeerClosed as exc:
-            raise ClientGone(str(exc)) from exc
-        except trio.TooSlowError as exc:
-            raise ClientGone("request body idle past idle_timeout") from exc
-        self.phase = "response_head"
-        resp = await self._response_head()
-        if resp is None:
-            return
-        self.phase = "response_body"
+                head_len = len(self.to_up)
+                try:
+                    await flush(up.sock, self.to_up, side.count_c2u)
+                except OSError as exc:
+                    if up.reused and len(self.to_up) == head_len:
+                        raise Retry() from exc  # a pooled connection dead before it saw anything
+                    raise
+                await pump_body(c.sock, up.sock, self.req_framer, self.to_up, self.after,
+                                side.count_c2u, side.listener.idle_timeout)
+            except PeerClosed as exc:
+                raise ClientGone(str(exc)) from exc
+            except trio.TooSlowError as exc:
+                raise ClientGone("request body idle past idle_timeout") from exc
+            self.phase = "response_head"
+        if self.phase == "response_head":
+            resp = await self._response_head()
+            if resp is None:
+                return
+            self._start_response(resp)
         try:
-            await self._response_body(resp)
+            if self.phase == "copy":
+                await self._copy_body()
+                return
+            assert self.resp_framer is not None
+            await pump_body(up.sock, c.sock, self.resp_framer, self.to_client, self.up_after,
+                            side.count_u2c, side.listener.idle_timeout)
         except FramingError as exc:
             raise UpstreamBroken(f"bad response framing: {exc}") from exc
         except PeerClosed as exc:
             raise UpstreamBroken(f"upstream closed mid-response: {exc}") from exc
         except trio.TooSlowError as exc:
             raise UpstreamBroken("upstream idle past idle_timeout") from exc
+        self.nbytes = self.resp_framer.payload
+        self.phase = "done"
         self.done = True
 
     async def _response_head(self) -> h11.Response | None:
@@ -707,6 +792,7 @@ class RawExchange:
                 with trio.CancelScope(deadline=deadline) as t:
                     chunk = await _recv_waiting(up.sock)
                 if t.cancelled_caught:
+                    self._safe = False
                     up.close()
                     await c._error(504, "no response within response_timeout")
                     self.status = 504
@@ -717,45 +803,46 @@ class RawExchange:
             if isinstance(event, h11.Response):
                 return event
             if isinstance(event, h11.InformationalResponse) and event.status_code != 101:
+                self._safe = False  # a 1xx head is short: sent whole, never half
                 await flush(c.sock, bytearray(c.conn.send(h11.InformationalResponse(
                     status_code=event.status_code,
                     headers=hdr.client_response(_pairs(event.headers)), _parsed=True)) or b""),
                     side.count_u2c)
+                self._safe = True
                 continue
             raise UpstreamBroken("upstream closed (or switched protocols) before a response")
 
-    async def _response_body(self, resp: h11.Response) -> None:
+    def _start_response(self, resp: h11.Response) -> None:
+        """The response head is in: write it (h11 cleans its headers for this client) and pick
+        the raw path or h11's copy path for the body."""
         c, up = self.c, self.up
-        side = c.side
         self.status = resp.status_code
         headers = _pairs(resp.headers)
         framer = framer_for(self.req.method, headers, resp.status_code)
         self.resp_keep = resp.http_version == b"1.1" and b"close" not in hdr.tokens(
             headers, b"connection") and framer.kind is not Kind.EOF
-        head = c.conn.send(h11.Response(
+        self.to_client += c.conn.send(h11.Response(
             status_code=resp.status_code, reason=resp.reason,
             headers=hdr.client_response(headers), _parsed=True)) or b""
         self.sent_head = True
         if self.req.http_version != b"1.1" or framer.kind is Kind.EOF:
-            await self._copy_body(head)
+            self.phase = "copy"
             return
         self.raw_response = True
-        self.to_client += head
+        self.resp_framer = framer
         body0 = up.conn.trailing_data[0]
         n, _ = framer.feed(bytes(body0))
         self.to_client += body0[:n]
         self.up_after += body0[n:]
-        self.resp_framer = framer
-        await pump_body(up.sock, c.sock, framer, self.to_client, self.up_after, side.count_u2c,
-                        side.listener.idle_timeout)
-        self.nbytes = framer.payload
+        self.phase = "response_body"
 
-    async def _copy_body(self, head: bytes) -> None:
+    async def _copy_body(self) -> None:
         """h11's copy path (it re-frames the body for this client); the client connection
         closes after it (h11 never saw the raw request body, so no next cycle)."""
         c, upc = self.c, self.up.conn
-        out = bytearray(head)
+        out = self.to_client
         self.client_keep = False
+        self.resp_keep = False  # h11's client side never saw our raw request body either
         while True:
             event = upc.next_event()
             if event is h11.NEED_DATA:
@@ -769,7 +856,7 @@ class RawExchange:
             elif isinstance(event, h11.EndOfMessage):
                 out += c.conn.send(h11.EndOfMessage()) or b""
                 await flush(c.sock, out, c.side.count_u2c)
-                self.resp_keep = False  # h11's client side never saw our raw request body
+                self.phase = "done"
                 self.done = True
                 return
             else:
@@ -784,6 +871,76 @@ class RawExchange:
             c.conn = c._new_conn(self.after)  # the next request cycle, pipelined bytes and all
         if (self.done and self.resp_keep and not self.up_after and up.sock.fileno() >= 0):
             up.conn = h11.Connection(h11.CLIENT)
+            up.reused = False
             c.side.pool.give(up, trio.current_time())
         elif up.sock.fileno() >= 0:
             up.close()
+
+    # ---- moving ---------------------------------------------------------------------------------
+
+    def pair_snapshot(self) -> PairSnapshot:
+        if self.phase == "response_head":  # the upstream bytes h11 has not parsed yet
+            up_bytes = bytes(self.up.conn.trailing_data[0])
+        else:
+            up_bytes = bytes(self.to_client)
+        return PairSnapshot(c2u=DirectionSnapshot(bytes(self.to_up)),
+                            u2c=DirectionSnapshot(up_bytes))
+
+    def state(self) -> ExchangeState:
+        return ExchangeState(
+            phase=self.phase, method=self.req.method, target=self.req.target,
+            version=self.req.http_version, headers=tuple(_pairs(self.req.headers)),
+            up_headers=tuple(self.up_headers), request=self.req_framer.snapshot(),
+            response=self.resp_framer.snapshot() if self.resp_framer is not None else None,
+            status=self.status, client_keep=self.client_keep, resp_keep=self.resp_keep,
+            server=str(self.up.server.addr), elapsed=trio.current_time() - self.t0,
+            after=bytes(self.after), up_after=bytes(self.up_after))
+
+    @classmethod
+    def from_state(cls, client: HttpClient, st: ExchangeState, snap: PairSnapshot,
+                   up: UpConn) -> RawExchange:
+        """An exchange another generation paused (see `state()`): h11's side of the heads is
+        rebuilt by replaying them into fresh connections. Raises ValueError (h11 refuses the
+        replayed head, or a framing snapshot is impossible)."""
+        head = b"%s %s HTTP/%s\r\n%s\r\n" % (
+            st.method, st.target, st.version,
+            b"".join(b"%s: %s\r\n" % (k, v) for k, v in st.headers))
+        conn = client._new_conn(head)
+        try:
+            req = conn.next_event()
+            up.conn.send(h11.Request(method=st.method, target=st.target,
+                                     headers=list(st.up_headers), http_version=b"1.1"))
+        except h11.ProtocolError as exc:
+            raise ValueError(f"replayed head refused: {exc}") from exc
+        if not isinstance(req, h11.Request):
+            raise ValueError("replayed head is not a whole request")
+        client.conn = conn
+        self = cls.__new__(cls)
+        self.c, self.req, self.up_headers, self.up = client, req, list(st.up_headers), up
+        self.t0 = trio.current_time() - max(0.0, st.elapsed)
+        self.phase = st.phase
+        self.scope = trio.CancelScope()
+        self.to_up = bytearray(snap.c2u.pending)
+        self.after = bytearray(st.after)
+        self.to_client = bytearray()
+        self.up_after = bytearray(st.up_after)
+        self.status = st.status
+        self.nbytes = 0
+        self.sent_head = st.phase == "response_body"
+        self.raw_response = st.phase == "response_body"
+        self.done = False
+        self.resp_keep = st.resp_keep
+        self.client_keep = st.client_keep
+        self._safe = True
+        self.req_framer = BodyFramer.from_snapshot(st.request)
+        self.resp_framer = None
+        if st.phase == "response_head":
+            up.conn.receive_data(snap.u2c.pending)
+        elif st.phase == "response_body":
+            if st.response is None:
+                raise ValueError("response_body without its framing")
+            self.resp_framer = BodyFramer.from_snapshot(st.response)
+            self.to_client += snap.u2c.pending
+        elif st.phase != "request_body":
+            raise ValueError(f"cannot carry on an exchange in phase {st.phase!r}")
+        return self

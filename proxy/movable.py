@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+from proxy.framing import FramingSnapshot
+
 
 class State(Enum):
     NEW = "new"
@@ -58,3 +60,28 @@ class Movable(Protocol):
     def fds(self) -> tuple[int, ...]: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ExchangeState:
+    """An http request/response in flight on the raw body path (http.RawExchange), as plain
+    data: with the client and upstream sockets it carries on in another process byte-exact.
+    Bytes read and not yet written travel in the PairSnapshot beside it (c2u: request body
+    bytes for the upstream; u2c: response bytes for the client, or in "response_head" the
+    upstream's bytes h11 had not parsed yet)."""
+
+    phase: str  # "request_body" | "response_head" | "response_body"
+    method: bytes
+    target: bytes
+    version: bytes  # the client's HTTP version
+    headers: tuple[tuple[bytes, bytes], ...]  # the client's request head, as h11 parsed it
+    up_headers: tuple[tuple[bytes, bytes], ...]  # the request head as sent upstream
+    request: FramingSnapshot
+    response: FramingSnapshot | None  # in "response_body"
+    status: int
+    client_keep: bool
+    resp_keep: bool
+    server: str  # the upstream server's address
+    elapsed: float  # seconds since the request head arrived
+    after: bytes = b""  # client bytes past the request body (the next requests)
+    up_after: bytes = b""  # upstream bytes past the response body

@@ -23,12 +23,13 @@ import socket
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
+import h11
 import trio
 
 from proxy import linger, log, sockopts, upstream
 from proxy.config import Address, Config, Listener
 from proxy.forward import Relay
-from proxy.http import Hold, HttpClient, HttpSide, Pool
+from proxy.http import Hold, HttpClient, HttpSide, Pool, UpConn
 from proxy.metrics import Metrics
 from proxy.movable import PairSnapshot, State
 from proxy.takeover import ConnRecord
@@ -343,14 +344,18 @@ class Server:
 
     # ---- moving connections (the upgrader speaks records and ids, never Conn) ----------------
 
-    def pick_movable(self, max_conns: int, max_fds: int) -> list[int]:
-        """Ids of up to `max_conns` movable connections whose fds fit in `max_fds`."""
+    def pick_movable(self, max_conns: int, max_fds: int, exchanges: bool = True) -> list[int]:
+        """Ids of up to `max_conns` movable connections whose fds fit in `max_fds`.
+        `exchanges`: http connections mid-exchange too (the peer speaks protocol 3)."""
         out: list[int] = []
         nfds = 0
         for c in self.conns.values():
             if c.handler is None or not c.handler.movable():
                 continue
-            k = len(c.handler.fds())
+            mid = isinstance(c.handler, HttpClient) and c.handler.exchange_movable()
+            if mid and not exchanges:
+                continue
+            k = 2 if mid else len(c.handler.fds())
             if nfds + k > max_fds or len(out) >= max_conns:
                 break
             out.append(c.id)
@@ -373,7 +378,10 @@ class Server:
             if snap is None:  # finished on its own meanwhile; run_handler forgets it
                 continue
             server = str(c.server.addr) if c.server is not None else ""
-            records.append(ConnRecord(c.id, c.listener, c.mode, c.client, server, snap))
+            exchange = c.handler.exchange_state() if isinstance(c.handler, HttpClient) else None
+            mode = "http_exchange" if exchange is not None else c.mode
+            records.append(ConnRecord(c.id, c.listener, mode, c.client,
+                                      exchange.server if exchange else server, snap, exchange))
             fds.extend(c.handler.fds())
             self._exported[c.id] = c
         return records, fds
@@ -418,7 +426,20 @@ class Server:
         if rec.mode == "http" and lr is not None and lr.http is not None:
             conn.handler = HttpClient(lr.http, socks[0], rec.client,
                                       buffered=state.c2u.pending, eof=state.c2u.eof)
-        elif rec.mode == "http":  # the listener is gone from the config: close, never run
+        elif rec.mode == "http_exchange" and lr is not None and lr.http is not None:
+            assert rec.exchange is not None
+            conn.mode = "http"
+            xbal = self.balancers[lr.cfg.upstream]
+            server = xbal.state_of(rec.exchange.server) or _gone_server(rec.exchange.server)
+            up = UpConn(socks[1], h11.Connection(h11.CLIENT), server)
+            try:
+                conn.handler = HttpClient(lr.http, socks[0], rec.client,
+                                          exchange=(rec.exchange, state, up))
+            except ValueError:
+                for sk in socks:
+                    sk.close()
+                raise
+        elif rec.mode in ("http", "http_exchange"):  # the listener is gone: close, never run
             for sk in socks:
                 sk.close()
             log.warning("adopt_dropped", listener=rec.listener,
@@ -521,3 +542,9 @@ async def _reject_503(sock: socket.socket, cfg: Listener, metrics: Metrics) -> N
         await linger.linger_close(sock, cfg)
     else:
         sock.close()
+
+
+def _gone_server(name: str) -> upstream.ServerState:
+    """A server an adopted exchange talks to that our config no longer has: counted apart."""
+    host, _, port = name.rpartition(":")
+    return upstream.ServerState(Address(host.strip("[]"), int(port) if port.isdigit() else 0))

@@ -71,13 +71,15 @@ from proxy.frames import (
     ProtocolError,
     encode,
 )
-from proxy.movable import DirectionSnapshot, PairSnapshot
+from proxy.framing import FramingSnapshot, Kind, Phase, snapshot_problem
+from proxy.movable import DirectionSnapshot, ExchangeState, PairSnapshot
 
 __all__ = ["MAX_FDS", "LocalProtocolError", "OwnedFds", "ProtocolError"]
 
-PROTOCOLS = (1, 2)  # the protocol versions this release speaks (lo, hi)
+PROTOCOLS = (1, 3)  # the protocol versions this release speaks (lo, hi)
 ACK_WINDOW = 4  # CONNS batches the old side may send ahead of their ACK
-FDS_PER_MODE = {"tcp": 2, "tunnel": 2, "http": 1}  # client [, upstream]
+FDS_PER_MODE = {"tcp": 2, "tunnel": 2, "http": 1, "http_exchange": 2}  # client [, upstream]
+EXCHANGE_SINCE = 3  # the protocol version that moves http exchanges mid-body
 MAX_REASON = 500
 
 
@@ -130,6 +132,7 @@ class ConnRecord:
     client: str
     server: str
     state: PairSnapshot
+    exchange: ExchangeState | None = None  # mode "http_exchange" only
 
     @property
     def nfds(self) -> int:
@@ -323,6 +326,9 @@ class Session:
         if isinstance(event, Listeners) and nfds != len(event.keys):
             raise error("LISTENERS: one fd per listener")
         if isinstance(event, Conns):
+            if any(r.mode == "http_exchange" for r in event.records) and (
+                    self.version or 1) < EXCHANGE_SINCE:
+                raise error(f"http exchanges move from protocol {EXCHANGE_SINCE} on")
             if len(self._unacked) >= self.window:
                 raise error(f"CONNS beyond the ACK window of {self.window}")
             ids = [r.id for r in event.records]
@@ -403,6 +409,8 @@ def _encode_conns(records: Sequence[ConnRecord]) -> tuple[dict[str, Any], bytes]
         for name, d in (("c2u", r.state.c2u), ("u2c", r.state.u2c)):
             entry[name] = {"pending": [len(body), len(d.pending)], "eof": d.eof, "shut": d.shut}
             body += d.pending
+        if r.exchange is not None:
+            entry["exchange"] = _encode_exchange(r.exchange, body)
         out.append(entry)
     return {"conns": out}, bytes(body)
 
@@ -485,7 +493,117 @@ def _decode_conns(h: _Head, body: bytes) -> tuple[ConnRecord, ...]:
                 raise ProtocolError(f"CONNS.{name}.pending: bad span")
             dirs.append(DirectionSnapshot(body[span[0]:span[0] + span[1]],
                                           d.get("eof", bool), d.get("shut", bool)))
+        exchange = None
+        if mode == "http_exchange":
+            exchange = _decode_exchange(_Head("CONNS.exchange", rec.get("exchange", dict)), body)
         out.append(ConnRecord(id=rec.get("id", int), listener=rec.get("listener", str),
                               mode=mode, client=rec.get("client", str),
-                              server=rec.get("server", str), state=PairSnapshot(*dirs)))
+                              server=rec.get("server", str), state=PairSnapshot(*dirs),
+                              exchange=exchange))
     return tuple(out)
+
+
+# ---- an http exchange in flight (protocol 3) ---------------------------------------------------
+# {phase, method, target, version, headers: [[name, value]], up_headers, request: Framing,
+#  response: Framing | null, status, client_keep, resp_keep, server, elapsed,
+#  after: [offset, length], up_after: [offset, length]}; byte strings of heads as latin-1
+# text (h11 validated them: no CR, LF or NUL), the bytes past a body as spans of the body.
+# Framing = {kind, phase, left, digits, pending, field, trailer_length, trailer_te, consumed,
+#  payload, max_line} (framing.FramingSnapshot; decoded strictly: snapshot_problem()).
+EXCHANGE_PHASES = ("request_body", "response_head", "response_body")
+
+
+def _latin(b: bytes) -> str:
+    return b.decode("latin-1")
+
+
+def _span(data: bytes, body: bytearray) -> list[int]:
+    out = [len(body), len(data)]
+    body += data
+    return out
+
+
+def _encode_framing(f: FramingSnapshot) -> dict[str, Any]:
+    return {"kind": f.kind.value, "phase": f.phase.value, "left": f.left, "digits": f.digits,
+            "pending": f.pending, "field": _latin(f.field),
+            "trailer_length": None if f.trailer_length is None else _latin(f.trailer_length),
+            "trailer_te": f.trailer_te, "consumed": f.consumed, "payload": f.payload,
+            "max_line": f.max_line}
+
+
+def _encode_exchange(x: ExchangeState, body: bytearray) -> dict[str, Any]:
+    return {"phase": x.phase, "method": _latin(x.method), "target": _latin(x.target),
+            "version": _latin(x.version),
+            "headers": [[_latin(k), _latin(v)] for k, v in x.headers],
+            "up_headers": [[_latin(k), _latin(v)] for k, v in x.up_headers],
+            "request": _encode_framing(x.request),
+            "response": None if x.response is None else _encode_framing(x.response),
+            "status": x.status, "client_keep": x.client_keep, "resp_keep": x.resp_keep,
+            "server": x.server, "elapsed": x.elapsed,
+            "after": _span(x.after, body), "up_after": _span(x.up_after, body)}
+
+
+def _bytes_of(h: _Head, name: str) -> bytes:
+    try:
+        return str(h.get(name, str)).encode("latin-1")
+    except UnicodeEncodeError:
+        raise ProtocolError(f"{h.what}.{name}: not latin-1") from None
+
+
+def _pairs_of(h: _Head, name: str) -> tuple[tuple[bytes, bytes], ...]:
+    out = []
+    for pair in h.get(name, list):
+        if not (isinstance(pair, list) and len(pair) == 2
+                and all(isinstance(x, str) for x in pair)):
+            raise ProtocolError(f"{h.what}.{name}: not [[name, value]]")
+        try:
+            out.append((pair[0].encode("latin-1"), pair[1].encode("latin-1")))
+        except UnicodeEncodeError:
+            raise ProtocolError(f"{h.what}.{name}: not latin-1") from None
+    return tuple(out)
+
+
+def _decode_framing(h: _Head) -> FramingSnapshot:
+    try:
+        kind, phase = Kind(h.get("kind", str)), Phase(h.get("phase", str))
+    except ValueError:
+        raise ProtocolError(f"{h.what}: unknown framing kind or phase") from None
+    tl = h.get("trailer_length", (str, type(None)))
+    snap = FramingSnapshot(
+        kind=kind, phase=phase, left=h.get("left", int), digits=h.get("digits", int),
+        pending=h.get("pending", int), field=_bytes_of(h, "field"),
+        trailer_length=None if tl is None else tl.encode("latin-1", "replace"),
+        trailer_te=h.get("trailer_te", bool), consumed=h.get("consumed", int),
+        payload=h.get("payload", int), max_line=h.get("max_line", int))
+    problem = snapshot_problem(snap)
+    if problem:
+        raise ProtocolError(f"{h.what}: {problem}")
+    return snap
+
+
+def _body_span(h: _Head, name: str, body: bytes) -> bytes:
+    span = h.ints(name)
+    if len(span) != 2 or min(span) < 0 or span[0] + span[1] > len(body):
+        raise ProtocolError(f"{h.what}.{name}: bad span")
+    return body[span[0]:span[0] + span[1]]
+
+
+def _decode_exchange(h: _Head, body: bytes) -> ExchangeState:
+    phase = h.get("phase", str)
+    if phase not in EXCHANGE_PHASES:
+        raise ProtocolError(f"{h.what}.phase: {phase[:20]!r}")
+    response = h.get("response", (dict, type(None)))
+    x = ExchangeState(
+        phase=phase, method=_bytes_of(h, "method"), target=_bytes_of(h, "target"),
+        version=_bytes_of(h, "version"), headers=_pairs_of(h, "headers"),
+        up_headers=_pairs_of(h, "up_headers"),
+        request=_decode_framing(_Head(f"{h.what}.request", h.get("request", dict))),
+        response=None if response is None else _decode_framing(
+            _Head(f"{h.what}.response", response)),
+        status=h.get("status", int), client_keep=h.get("client_keep", bool),
+        resp_keep=h.get("resp_keep", bool), server=h.get("server", str),
+        elapsed=float(h.get("elapsed", (int, float))),
+        after=_body_span(h, "after", body), up_after=_body_span(h, "up_after", body))
+    if (phase == "response_body") != (x.response is not None):
+        raise ProtocolError(f"{h.what}: a response framing exactly in response_body")
+    return x

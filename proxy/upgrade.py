@@ -48,6 +48,7 @@ from proxy.gcpause import gc_paused
 from proxy.metrics import Metrics, delta
 from proxy.server import TAKEOVER_LISTENER, Server, listener_key
 from proxy.takeover import (
+    EXCHANGE_SINCE,
     MAX_FDS,
     PROTOCOLS,
     Ack,
@@ -493,7 +494,8 @@ class Upgrader:
         new generation adopts the last. ACKs come back in batch order."""
         total = 0
         while True:
-            ids = (self.server.pick_movable(BATCH_CONNS, MAX_FDS)
+            ids = (self.server.pick_movable(BATCH_CONNS, MAX_FDS,
+                                            (ch.session.version or 1) >= EXCHANGE_SINCE)
                    if ch.session.can_send_conns() else [])
             if ids:
                 records, conn_fds = await self.server.export(ids)

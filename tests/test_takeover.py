@@ -118,7 +118,7 @@ def hello(protocols: tuple[int, int] = PROTOCOLS) -> Hello:
     return Hello(1, "t", protocols)
 
 
-def welcome(protocol: int = 2) -> Welcome:
+def welcome(protocol: int = PROTOCOLS[1]) -> Welcome:
     return Welcome(2, 1, 0.0, 0.0, "t", protocol)
 
 
@@ -181,7 +181,7 @@ def test_happy_path_moves_both_roles_alike() -> None:
         states.append(old.state)
     assert states == [State.GREETING, State.WELCOMED, State.LISTENING, State.READY,
                       State.RELEASED, State.RELEASED, State.RELEASED, State.DONE]
-    assert old.version == new.version == 2
+    assert old.version == new.version == PROTOCOLS[1]
 
 
 def test_byte_literals_of_each_message() -> None:
