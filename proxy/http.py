@@ -935,7 +935,8 @@ class RawExchange:
         self.req_framer = BodyFramer.from_snapshot(st.request)
         self.resp_framer = None
         if st.phase == "response_head":
-            up.conn.receive_data(snap.u2c.pending)
+            if snap.u2c.pending:  # (h11 reads b"" as the peer's EOF)
+                up.conn.receive_data(snap.u2c.pending)
         elif st.phase == "response_body":
             if st.response is None:
                 raise ValueError("response_body without its framing")

@@ -105,6 +105,7 @@ class Server:
         self.changed = trio.lowlevel.ParkingLot()  # woken when a conn ends or becomes movable
         self._ids = itertools.count(1)
         self._exported: dict[int, Conn] = {}  # paused and sent, not acknowledged: still ours
+        self._exported_mode: dict[int, str] = {}  # as what each went (http_exchange: mid-body)
         self._adopted: dict[int, Conn] = {}  # received, not started yet
         self._handlers_scope = trio.CancelScope()
         self.metrics_handler: Callable[[socket.socket], Awaitable[None]] | None = None
@@ -384,6 +385,7 @@ class Server:
                                       exchange.server if exchange else server, snap, exchange))
             fds.extend(c.handler.fds())
             self._exported[c.id] = c
+            self._exported_mode[c.id] = mode
         return records, fds
 
     def acknowledge(self, ids: tuple[int, ...] | list[int]) -> int:
@@ -391,11 +393,12 @@ class Server:
         n = 0
         for cid in ids:
             c = self._exported.pop(cid, None)
+            mode = self._exported_mode.pop(cid, "")
             if c is None or c.handler is None:
                 continue
             c.handler.close()
             self.forget(c)
-            self.metrics.handover_connections.labels(c.mode).inc()
+            self.metrics.handover_connections.labels(mode or c.mode).inc()
             n += 1
         return n
 
@@ -403,6 +406,7 @@ class Server:
         """Resume here every exported connection nobody acknowledged (a rollback)."""
         conns = list(self._exported.values())
         self._exported.clear()
+        self._exported_mode.clear()
         for c in conns:
             self.spawn(self.run_handler, c)
         return len(conns)

@@ -69,6 +69,18 @@ class _Handler(BaseHTTPRequestHandler):
                 left -= len(piece)
             self.wfile.write(b"0\r\n\r\n")
             return
+        if url.path == "/sse":  # server-sent events: chunked, one event every `ms`
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(int(q["n"][0])):
+                event = b"id: %d\ndata: event %d\n\n" % (i, i)
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+                self.wfile.flush()
+                time.sleep(int(q.get("ms", ["10"])[0]) / 1000)
+            self.wfile.write(b"0\r\n\r\n")
+            return
         if url.path == "/slow":
             time.sleep(int(q["ms"][0]) / 1000)
         body = json.dumps({"path": self.path, "headers": dict(self.headers)}).encode()
