@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -19,6 +20,7 @@ from proxy import fdpass
 from proxy.channel import Channel, ChannelError, PeerAborted
 from proxy.frames import encode
 from proxy.takeover import (
+    PROTOCOLS,
     Hello,
     Listeners,
     MsgType,
@@ -229,6 +231,7 @@ async def test_new_generation_never_serves_on_its_own_decode_error(protocol: int
     lsock.bind(str(chan_path))
     lsock.listen(1)
     pairs = [socket.socketpair() for _ in range(1)]
+    closers: list[Callable[[], None]] = []
     log = open(d.log, "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "proxy", "run", "--config", str(d.config),
                              "--takeover"], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -238,8 +241,9 @@ async def test_new_generation_never_serves_on_its_own_decode_error(protocol: int
             lsock.settimeout(30)
             conn, _ = await trio.to_thread.run_sync(lsock.accept)
             ch = Channel(conn, Session(Role.OLD, (protocol, protocol)), 20.0)
+            closers.append(ch.close)
             hello, _ = await ch.receive()
-            assert isinstance(hello, Hello) and hello.protocols == (1, 2)
+            assert isinstance(hello, Hello) and hello.protocols == PROTOCOLS
             await ch.send(Welcome(os.getpid(), 1, time.time(), time.time(), "fake", protocol))
             await ch.send(Listeners(()))
             ready, _ = await ch.receive()
@@ -250,7 +254,6 @@ async def test_new_generation_never_serves_on_its_own_decode_error(protocol: int
             with pytest.raises(PeerAborted):
                 await ch.receive()
             code = await trio.to_thread.run_sync(lambda: proc.wait(30))
-            ch.close()
         text = d.text()
         assert code == 1, text
         assert "event=takeover_aborted" in text and "phase=serving" not in text, text
@@ -259,6 +262,8 @@ async def test_new_generation_never_serves_on_its_own_decode_error(protocol: int
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        for close in closers:
+            close()
         log.close()
         lsock.close()
         for x, y in pairs:

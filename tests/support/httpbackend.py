@@ -69,6 +69,16 @@ class _Handler(BaseHTTPRequestHandler):
                 left -= len(piece)
             self.wfile.write(b"0\r\n\r\n")
             return
+        if url.path == "/slowbody":  # no length: the body ends when we close (h11's copy path)
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(b"first half;")
+            self.wfile.flush()
+            time.sleep(int(q["ms"][0]) / 1000)
+            self.wfile.write(b"second half")
+            self.close_connection = True
+            return
         if url.path == "/sse":  # server-sent events: chunked, one event every `ms`
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
