@@ -34,8 +34,10 @@ starts those handlers, so an un-ACKed pair was never touched by it. (Cloudflare'
 handover is the nearest production anchor: Request -> Item -> Prepared -> Commit/Abort.)
 
 Versions: protocol 1 is the previous release's (no `protocols` in HELLO, no `protocol` in
-WELCOME; CONNS may also come between READY and RELEASED). This release speaks 1 and 2, so it
-can take over from the previous release and hand over to the next one.
+WELCOME; CONNS may also come between READY and RELEASED). Protocol 2 moves connections only after
+RELEASED. Protocol 3 adds the record mode "http_exchange": an http connection paused mid-request
+(see the end of this module). This release speaks 1 to 3, so it can take over from the previous
+release and hand over to the next one.
 
 Message fields (JSON head; `body` holds the pending bytes the records point into):
     HELLO     {pid, version: release string, protocols: [lo, hi]}
@@ -50,7 +52,8 @@ Message fields (JSON head; `body` holds the pending bytes the records point into
 A ConnRecord: {id, listener, mode, client, server, c2u: Dir, u2c: Dir} with
 Dir = {pending: [offset, length] into body, eof: bool, shut: bool}. Mode "tcp" and "tunnel" (an
 http Upgrade turned relay) carry two fds, client then upstream; "http" (an idle keep-alive
-client) one, its c2u.pending the bytes read but not processed (pipelined requests).
+client) one, its c2u.pending the bytes read but not processed (pipelined requests);
+"http_exchange" (protocol 3) two, client then upstream, and an `exchange` object (below).
 """
 
 from __future__ import annotations
