@@ -464,14 +464,18 @@ class Upgrade:
 class ProxyProcess(Service):
     """Our proxy as a subprocess. `listeners` are `[[listener]]` tables (listen defaults to
     127.0.0.1:0, mode tcp); `upstreams` are `[upstream.NAME]` tables; `nofile` raises the
-    RLIMIT_NOFILE of the first generation (and so of every later one, which inherit it)."""
+    RLIMIT_NOFILE of the first generation (and so of every later one, which inherit it);
+    `python` and `root` run it with another interpreter (e.g. a venv with other packages) or
+    another source tree (PYTHONPATH) than this script's."""
 
     name = "proxy"
 
     def __init__(self, listeners: list[dict[str, Any]], upstreams: dict[str, dict[str, Any]],
                  *, proxy_opts: dict[str, Any] | None = None, metrics: bool = True,
-                 nofile: int = 0) -> None:
+                 nofile: int = 0, python: str | None = None, root: Path | None = None) -> None:
         super().__init__()
+        self.python = python or sys.executable
+        self.root = root or ROOT
         self.listeners = listeners
         self.metrics = metrics
         self.nofile = nofile
@@ -494,8 +498,8 @@ class ProxyProcess(Service):
         self.config.write_text("\n".join(out) + "\n")
 
     def start(self, timeout: float = 30.0) -> ProxyProcess:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        proc = self._spawn([sys.executable, "-m", "proxy", "run", "--config", str(self.config)],
+        env = {**os.environ, "PYTHONPATH": str(self.root)}
+        proc = self._spawn([self.python, "-m", "proxy", "run", "--config", str(self.config)],
                            preexec=nofile_preexec(self.nofile) if self.nofile else None, env=env)
         self.pids.add(proc.pid)
         self.wait_log(rf"event=phase gen=1 pid={proc.pid} .*phase=serving", timeout)

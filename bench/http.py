@@ -6,7 +6,15 @@ wrk (HTTP/1.1 keep-alive, `-t2 -c50` by default, `--latency`) asks for `/`, a 6-
   (c) HAProxy 2.x in mode http, one process, `nbthread 1` by default (our proxy is one Python
       thread), `option http-keep-alive`, `http-reuse always` (keep-alive to nginx too).
 Each target gets a 1 s warm-up then `--duration` seconds. The table gives req/s, p50/p99
-latency, errors, the middlebox's CPU use (100% = one core) and ratios vs direct and vs HAProxy.
+latency, errors, the middlebox's CPU use (100% = one core), its CPU per request (utime + stime
+of its process and children from /proc over the run, divided by the requests wrk completed: a
+figure that does not depend on how busy the machine is, unlike req/s) and ratios vs direct and
+vs HAProxy. `--rounds N` measures every target N times, round-robin, and adds a table of the
+CPU per request over the rounds (min, median, max).
+
+`--also LABEL=PYTHON[:ROOT]` adds another instance of our proxy run by another interpreter
+(e.g. a venv with h11-mypyc) and/or from another source tree (a baseline checkout), measured
+in the same rounds; each of ours is labelled with the h11 build it imports.
 
 NOTE: everything shares this machine's cores (`nproc`, 2 here): wrk's threads, nginx, and the
 proxy under test all compete; absolute rates are low and the ratios, measured in the same run,
@@ -14,11 +22,15 @@ are the point.
 
 `--profile` then samples our proxy with py-spy (`py-spy record --format raw`, 100 Hz) during
 another wrk run of the same load and prints the top functions by self and by total samples
-(the sampling itself costs the proxy a little throughput).
+(the sampling itself costs the proxy a little throughput). py-spy counts a thread that is
+runnable but waiting for a CPU as busy, and a loopback `send` wakes the peer, which (most likely)
+takes the CPU on the way out of the call: `send` shows more samples than its CPU cost (the table's
+"of it sys" column is the kernel's real share: ~20% for our proxy here, against ~30% of samples).
 
     python bench/http.py --quick              # ~3 s per target
     python bench/http.py                      # 10 s per target
     python bench/http.py --profile            # + py-spy profile of our proxy under the load
+    python bench/http.py --rounds 3 --also "mypyc=/tmp/venv-mypyc/bin/python"
 """
 
 from __future__ import annotations
@@ -31,9 +43,11 @@ if __package__ in (None, ""):  # run as `python bench/X.py`: import siblings as 
 
 import argparse
 import collections
+import contextlib
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,36 +57,80 @@ from pathlib import Path
 
 from bench.common import (
     LOOPBACK,
+    ROOT,
     Nginx,
     become_subreaper,
     cpu_seconds,
     ensure_tools,
     fmt,
+    machine_note,
     print_table,
     ratio,
     say,
     started,
 )
-from bench.httpcommon import HAProxyHttp, WrkResult, WrkRun, http_proxy, load_note, proxy_pid, run_wrk
+from bench.httpcommon import (
+    HAProxyHttp,
+    WrkResult,
+    WrkRun,
+    children,
+    http_proxy,
+    load_note,
+    proxy_pid,
+    run_wrk,
+)
 
 
 @dataclass
 class Row:
     label: str
     res: WrkResult
-    cpu_pct: float
+    cpu_pct: float  # % of one core over the run
+    cpu_s: float  # CPU seconds (utime + stime) over the run
+    sys_s: float  # of which in the kernel (stime): syscalls, and loopback TCP work done in them
+
+    @property
+    def us_per_req(self) -> float:
+        return self.cpu_s / self.res.requests * 1e6 if self.res.requests else float("nan")
+
+
+def _cpu(pid: int) -> tuple[float, float]:
+    """(utime + stime, stime) of `pid` so far, in seconds ((0, 0) once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick, int(fields[12]) / tick
+
+
+def tree_cpu(pid: int) -> tuple[float, float]:
+    """(CPU, kernel CPU) seconds so far of `pid` and its live children (workers, if any)."""
+    times = [_cpu(p) for p in (pid, *children(pid))]
+    return sum(t for t, _ in times), sum(s for _, s in times)
 
 
 def measure(label: str, port: int, pid: int, args: argparse.Namespace) -> Row:
     say(f"warm-up 1s: {label}")
     run_wrk(port, 1.0, args.connections, args.threads)
     say(f"wrk -t{args.threads} -c{args.connections} {args.duration:g}s: {label}")
-    cpu0 = cpu_seconds(pid) if pid else 0.0
+    cpu0, sys0 = tree_cpu(pid)
     t0 = time.monotonic()
     res = run_wrk(port, args.duration, args.connections, args.threads)
     wall = time.monotonic() - t0
-    cpu = (cpu_seconds(pid) - cpu0) / wall * 100 if pid else float("nan")
-    return Row(label, res, cpu)
+    cpu1, sys1 = tree_cpu(pid)
+    return Row(label, res, (cpu1 - cpu0) / wall * 100, cpu1 - cpu0, sys1 - sys0)
+
+
+def h11_build(python: str, root: Path) -> str:
+    """Which h11 our proxy imports when run by `python` from `root` (`h11 0.16.0 (pure)`...)."""
+    code = ("import importlib.metadata as md, proxy.http as m; n = m.h11.__name__; "
+            "print(n.replace('_', '-'), md.version(n.replace('_', '-')), "
+            "'(compiled)' if m.h11._connection.__file__.endswith('.so') else '(pure)')")
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(root)}, check=False)
+    return out.stdout.strip() or f"h11 unknown: {out.stderr.strip()[-200:]}"
 
 
 # ---- py-spy ------------------------------------------------------------------------------------
@@ -204,6 +262,9 @@ def main() -> int:
     ap.add_argument("--haproxy-threads", type=int, default=1, help="HAProxy nbthread (1)")
     ap.add_argument("--profile", action="store_true", help="then profile our proxy with py-spy")
     ap.add_argument("--top", type=int, default=20, help="rows of each py-spy table (20)")
+    ap.add_argument("--rounds", type=int, default=1, help="measure every target N times (1)")
+    ap.add_argument("--also", action="append", default=[], metavar="LABEL=PYTHON[:ROOT]",
+                    help="another instance of our proxy: this interpreter, this source tree")
     args = ap.parse_args()
     if args.quick:
         args.duration = 3.0
@@ -212,32 +273,69 @@ def main() -> int:
     note = load_note()
     say(note)
 
+    variants = [("ours", sys.executable, ROOT)]
+    for spec in args.also:
+        label, _, rest = spec.partition("=")
+        python, _, root = rest.partition(":")
+        variants.append((label, python or sys.executable, Path(root) if root else ROOT))
+
     backend = Nginx()
     rows: list[Row] = []
-    with started(backend):
-        ours = http_proxy(backend.port, args.connections)
-        with started(ours):
-            rows.append(measure("direct (nginx)", backend.port, backend.pid, args))
-            rows.append(measure("our proxy (mode http)", ours.ports["web"], proxy_pid(ours), args))
-            haproxy = HAProxyHttp(f"{LOOPBACK}:{backend.port}", nbthread=args.haproxy_threads)
-            with started(haproxy):
-                rows.append(measure(f"HAProxy (mode http, nbthread {args.haproxy_threads})",
-                                    haproxy.port, haproxy.pid, args))
-            direct, mine, hap = rows[0].res, rows[1].res, rows[2].res
-            print_table(
-                f"HTTP/1.1 keep-alive, 6-byte body: wrk -t{args.threads} "
-                f"-c{args.connections} -d{max(1, round(args.duration))}s --latency "
-                f"(nproc={_nproc()}, shared by wrk, nginx and the proxy)",
-                ["target", "req/s", "p50", "p99", "errors", "CPU", "vs direct", "vs HAProxy"],
-                [[r.label, fmt(r.res.rps, 0), f"{r.res.p50_ms:.2f} ms", f"{r.res.p99_ms:.2f} ms",
-                  r.res.errors, "-" if r.cpu_pct != r.cpu_pct else f"{r.cpu_pct:.0f}%",
-                  ratio(r.res.rps, direct.rps), ratio(r.res.rps, hap.rps)] for r in rows])
-            print(note)
-            goal = mine.rps >= 0.5 * hap.rps
-            print(f"\ngoal (our proxy >= 0.5x HAProxy's rate): {ratio(mine.rps, hap.rps)} -> "
-                  f"{'met' if goal else 'NOT met'}; HAProxy/direct = {ratio(hap.rps, direct.rps)}")
-            if args.profile:
-                profile(ours.ports["web"], proxy_pid(ours), args)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(started(backend))
+        targets: list[tuple[str, int, int]] = [("direct (nginx)", backend.port, backend.pid)]
+        first = None
+        for label, python, root in variants:
+            proxy = http_proxy(backend.port, args.connections, python=python, root=root)
+            stack.enter_context(started(proxy))
+            first = first or proxy
+            targets.append((f"{label}: proxy, {h11_build(python, root)}", proxy.ports["web"],
+                            proxy_pid(proxy)))
+        haproxy = HAProxyHttp(f"{LOOPBACK}:{backend.port}", nbthread=args.haproxy_threads)
+        stack.enter_context(started(haproxy))
+        hap_label = f"HAProxy (mode http, nbthread {args.haproxy_threads})"
+        targets.append((hap_label, haproxy.port, haproxy.pid))
+        for rnd in range(args.rounds):
+            for label, port, pid in targets:
+                tag = f" #{rnd + 1}" if args.rounds > 1 else ""
+                rows.append(measure(label + tag, port, pid, args))
+                rows[-1].label = label  # the round number only in the progress lines
+        direct, hap = rows[0].res, rows[len(targets) - 1].res
+        print_table(
+            f"HTTP/1.1 keep-alive, 6-byte body: wrk -t{args.threads} "
+            f"-c{args.connections} -d{max(1, round(args.duration))}s --latency "
+            f"(nproc={_nproc()}, shared by wrk, nginx and the proxy); rows in the order run",
+            ["target", "req/s", "p50", "p99", "errors", "CPU", "CPU/req", "of it sys",
+             "vs direct", "vs HAProxy"],
+            [[r.label, fmt(r.res.rps, 0), f"{r.res.p50_ms:.2f} ms", f"{r.res.p99_ms:.2f} ms",
+              r.res.errors, "-" if r.cpu_pct != r.cpu_pct else f"{r.cpu_pct:.0f}%",
+              f"{fmt(r.us_per_req, 1)} us",
+              f"{100 * r.sys_s / r.cpu_s:.0f}%" if r.cpu_s else "-", ratio(r.res.rps, direct.rps),
+              ratio(r.res.rps, hap.rps)] for r in rows])
+        per: dict[str, list[float]] = {}
+        for r in rows:
+            per.setdefault(r.label, []).append(r.us_per_req)
+        med = {label: statistics.median(v) for label, v in per.items()}
+        ours = targets[1][0]
+        print_table(
+            f"CPU per request of the process serving it (utime+stime / requests), "
+            f"{args.rounds} round(s); ratios of medians",
+            ["target", "min", "median", "max", "vs ours", "vs HAProxy"],
+            [[label, f"{fmt(min(v), 1)} us", f"{fmt(med[label], 1)} us",
+              f"{fmt(max(v), 1)} us", ratio(med[label], med[ours]),
+              ratio(med[label], med[hap_label])] for label, v in per.items()])
+        print(note)
+        print(f"after: {machine_note()}")
+        mine = [r for r in rows if r.label == ours]
+        rate = statistics.median(r.res.rps for r in mine)
+        print(f"\ngoal (our proxy >= 0.5x HAProxy's rate): {ratio(rate, hap.rps)} -> "
+              f"{'met' if rate >= 0.5 * hap.rps else 'NOT met'}; "
+              f"HAProxy/direct = {ratio(hap.rps, direct.rps)}")
+        print(f"goal (<= 200 us of proxy CPU per request): median {fmt(med[ours], 1)} us -> "
+              f"{'met' if med[ours] <= 200 else 'NOT met'}")
+        if args.profile:
+            assert first is not None
+            profile(first.ports["web"], proxy_pid(first), args)
     return 0
 
 

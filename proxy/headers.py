@@ -20,6 +20,10 @@ HeadersIn = Sequence[tuple[bytes, bytes]]  # what h11 hands us
 
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                         b"transfer-encoding", b"upgrade"})
+HOP_BY_HOP_TUNNEL = HOP_BY_HOP - {b"upgrade"}
+# Request headers this proxy sets itself (X-Forwarded-For is extended instead: see
+# upstream_request); Expect is answered here (http.py).
+REPLACED = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"expect"})
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 VIA = b"1.1 proxy"
 
@@ -58,28 +62,51 @@ def wants_upgrade(headers: HeadersIn) -> bool:
     return b"upgrade" in tokens(headers, b"connection") and get(headers, b"upgrade") is not None
 
 
-def _strip_hop_by_hop(headers: HeadersIn, keep_upgrade: bool) -> Headers:
+def _hop_by_hop(headers: HeadersIn, keep_upgrade: bool) -> frozenset[bytes]:
+    """The names that must not cross: HOP_BY_HOP and every name Connection lists (Upgrade
+    kept for a tunnel)."""
     named = tokens(headers, b"connection")
-    drop = (HOP_BY_HOP | named) - ({b"upgrade"} if keep_upgrade else set())
-    return [(k, v) for k, v in headers if k not in drop]
+    if not named:  # the common case: no set arithmetic per message
+        return HOP_BY_HOP_TUNNEL if keep_upgrade else HOP_BY_HOP
+    return (HOP_BY_HOP | named) - ({b"upgrade"} if keep_upgrade else set())
 
 
 def upstream_request(headers: HeadersIn, client_ip: str, tunnel: bool,
                      proto: bytes = b"http") -> Headers:
     """The request headers to send upstream (`tunnel`: the request asks for an Upgrade, see
-    wants_upgrade; the caller has decided that already)."""
-    out = _strip_hop_by_hop(headers, keep_upgrade=tunnel)
-    out = [(k, v) for k, v in out if k not in (b"x-forwarded-proto", b"x-forwarded-host",
-                                                   b"expect", b"via")]
-    xff = [v for k, v in out if k == b"x-forwarded-for"]
-    out = [(k, v) for k, v in out if k != b"x-forwarded-for"]
-    out.append((b"x-forwarded-for", b", ".join([*xff, client_ip.encode()])))
+    wants_upgrade; the caller has decided that already).
+
+    One pass over the headers (this runs once per request): Host, Via and Transfer-Encoding
+    are read from all of them, X-Forwarded-For only from those that may cross."""
+    drop = _hop_by_hop(headers, keep_upgrade=tunnel)
+    out: Headers = []
+    xff: list[bytes] = []
+    via: list[bytes] = []
+    host: bytes | None = None
+    chunked = False
+    for k, v in headers:
+        if k == b"host":
+            if host is None:
+                host = v
+        elif k == b"via":
+            via.append(v)
+            continue
+        elif k == b"transfer-encoding":
+            chunked = True
+        if k in drop:
+            continue
+        if k == b"x-forwarded-for":
+            xff.append(v)
+        elif k not in REPLACED:
+            out.append((k, v))
+    xff.append(client_ip.encode())
+    out.append((b"x-forwarded-for", b", ".join(xff)))
     out.append((b"x-forwarded-proto", proto))
-    host = get(headers, b"host")
     if host is not None:
         out.append((b"x-forwarded-host", host))
-    out.append((b"via", _via(headers)))
-    if get(headers, b"transfer-encoding") is not None:
+    via.append(VIA)
+    out.append((b"via", b", ".join(via)))
+    if chunked:
         out.append((b"transfer-encoding", b"chunked"))  # h11 re-chunks; only chunked gets here
     if tunnel:
         out.append((b"connection", b"upgrade"))
@@ -88,16 +115,19 @@ def upstream_request(headers: HeadersIn, client_ip: str, tunnel: bool,
 
 def client_response(headers: HeadersIn, tunnel: bool = False) -> Headers:
     """The response headers to send the client (h11 adds framing and connection headers)."""
-    out = [(k, v) for k, v in _strip_hop_by_hop(headers, keep_upgrade=tunnel) if k != b"via"]
-    out.append((b"via", _via(headers)))
+    drop = _hop_by_hop(headers, keep_upgrade=tunnel)
+    out: Headers = []
+    via: list[bytes] = []
+    for k, v in headers:
+        if k == b"via":
+            via.append(v)
+        elif k not in drop:
+            out.append((k, v))
+    via.append(VIA)
+    out.append((b"via", b", ".join(via)))
     if tunnel:
         out.append((b"connection", b"upgrade"))
     return out
-
-
-def _via(headers: HeadersIn) -> bytes:
-    prior = [v for k, v in headers if k == b"via"]
-    return b", ".join([*prior, VIA])
 
 
 def idempotent(method: bytes) -> bool:

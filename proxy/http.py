@@ -37,7 +37,6 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import h11
 import trio
 
 from proxy import headers as hdr
@@ -46,6 +45,7 @@ from proxy.bodypump import PeerClosed, flush, pump_body
 from proxy.config import Address, Listener, Upstream
 from proxy.forward import Relay
 from proxy.framing import BodyFramer, FramingError, Kind, framer_for
+from proxy.h11impl import h11
 from proxy.metrics import Metrics
 from proxy.movable import DirectionSnapshot, ExchangeState, PairSnapshot, State
 from proxy.upstream import Balancer, NoUpstream, ServerState, connect
@@ -727,7 +727,9 @@ class RawExchange:
         return self._safe and self.phase in ("request_body", "response_head", "response_body")
 
     async def run(self) -> None:
-        """Carry on from the current phase to the end; Paused if `scope` was cancelled."""
+        """Carry on from the current phase to the end; Paused if `scope` was cancelled. (A
+        fresh scope each time: one that paused it may resume it here after a rollback.)"""
+        self.scope = trio.CancelScope()
         with self.scope:
             await self._run()
         if self.scope.cancelled_caught:

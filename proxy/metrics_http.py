@@ -15,9 +15,9 @@ import socket
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
-import h11
 import trio
 
+from proxy.h11impl import h11
 from proxy.metrics import CONTENT_TYPE, Metrics
 
 MAX_REQUEST = 16384

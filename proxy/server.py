@@ -23,12 +23,12 @@ import socket
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
-import h11
 import trio
 
 from proxy import linger, log, sockopts, upstream
 from proxy.config import Address, Config, Listener
 from proxy.forward import Relay
+from proxy.h11impl import h11
 from proxy.http import Hold, HttpClient, HttpSide, Pool, UpConn
 from proxy.metrics import Metrics
 from proxy.movable import PairSnapshot, State

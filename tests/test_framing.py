@@ -8,7 +8,6 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-import h11
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,6 +22,7 @@ from proxy.framing import (
     framer_for,
     snapshot_problem,
 )
+from proxy.h11impl import h11
 
 P = Phase
 

@@ -3,8 +3,7 @@ new h11 changes them, these fail rather than the proxy quietly mis-framing."""
 
 from __future__ import annotations
 
-import h11
-
+from proxy.h11impl import h11
 from proxy.http import _pairs
 
 RAW = (b"GET /x?y=1 HTTP/1.1\r\nHost: a\r\nX-Multi: 1\r\nx-multi: 2\r\nContent-Length: 0\r\n\r\n")

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -216,5 +218,40 @@ def test_a_request_waiting_for_its_response_head_moves_too() -> None:
                 assert c.get("/echo?next")[0] == 200
             assert metric(p, "proxy_handover_connections_total", mode="http_exchange") == 1
             assert metric(p, "proxy_http_requests_total", listener="web", code="200") == 2
+        finally:
+            p.stop()
+
+
+def test_a_download_sent_to_a_generation_that_dies_resumes_where_it_was() -> None:
+    """The new generation crashes holding a batch it never ACKed, a download paused mid-body in
+    it: the old generation resumes that exchange from its own state, serves again, and the
+    client gets every byte."""
+    n = 64 << 20
+    with HttpBackend() as be:
+        p = Proxy([be.addr], mode="http", proxy={"drain_timeout": DRAIN})
+        try:
+            p.start()
+            with Conn(p.port, timeout=30) as c:
+                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+                c.send(b"GET /big?n=%d HTTP/1.1\r\nHost: t\r\n\r\n" % n)
+                assert c.response(head_only=True)[0] == 200
+                got = bytearray(c.buf)
+                c.buf = b""
+                old = p.pid()
+                killed = False
+                while not got.endswith(b"\r\n0\r\n\r\n"):
+                    chunk = c.sock.recv(1 << 16)
+                    assert chunk, "the download was cut"
+                    got += chunk
+                    if not killed and len(got) > n // 3:
+                        p.arm_fault("new:after_conns:crash")
+                        os.kill(old, signal.SIGUSR2)
+                        p.wait_log(rf"event=successor_lost gen=1 pid={old} ")
+                        p.disarm_fault()
+                        killed = True
+                assert hashlib.sha256(dechunk(bytes(got))).hexdigest() == big_sha(n)
+                assert p.serving_pid() == old
+                assert c.get("/echo?after")[0] == 200
+            assert metric(p, "proxy_upgrades_total", result="failed") == 1
         finally:
             p.stop()
