@@ -46,11 +46,14 @@ async def flush(sock: socket.socket, buf: bytearray, count: Callable[[int], None
 
 async def pump_body(src: socket.socket, dst: socket.socket, framer: BodyFramer,
                     pending: bytearray, after: bytearray, count: Callable[[int], None],
-                    idle_timeout: float = 0.0) -> None:
+                    idle_timeout: float = 0.0, rechunk: bool = False) -> None:
     """Move the rest of one body from `src` to `dst`. Returns when the framer says it ended and
     every byte of it was written. Raises FramingError (malformed framing: what came before the
     bad byte was forwarded), PeerClosed, trio.TooSlowError (nothing from `src` for
-    `idle_timeout`, 0 = no limit) or OSError from either socket."""
+    `idle_timeout`, 0 = no limit) or OSError from either socket.
+
+    `rechunk`: an until-EOF body (the upstream closes to end it) goes to an HTTP/1.1 client
+    that was told `Transfer-Encoding: chunked`: each read becomes one chunk, EOF the last."""
     while True:
         if pending:
             await flush(dst, pending, count)
@@ -69,8 +72,13 @@ async def pump_body(src: socket.socket, dst: socket.socket, framer: BodyFramer,
                 framer.eof()
             except FramingError as exc:
                 raise PeerClosed(str(exc)) from exc
-            return
+            if rechunk:
+                pending += b"0\r\n\r\n"
+            continue  # flush what is pending, then done
         n, _ = framer.feed(data)
+        if rechunk:
+            pending += b"%x\r\n%s\r\n" % (n, data[:n])
+            continue
         pending += data[:n]
         if n < len(data):
             after += data[n:]

@@ -708,6 +708,7 @@ class RawExchange:
         self.nbytes = 0
         self.sent_head = False
         self.raw_response = False
+        self.rechunk = False
         self.done = False
         self.resp_keep = False
         self.resp_framer: BodyFramer | None = None
@@ -765,7 +766,7 @@ class RawExchange:
                 return
             assert self.resp_framer is not None
             await pump_body(up.sock, c.sock, self.resp_framer, self.to_client, self.up_after,
-                            side.count_u2c, side.listener.idle_timeout)
+                            side.count_u2c, side.listener.idle_timeout, self.rechunk)
         except FramingError as exc:
             raise UpstreamBroken(f"bad response framing: {exc}") from exc
         except PeerClosed as exc:
@@ -827,14 +828,21 @@ class RawExchange:
             status_code=resp.status_code, reason=resp.reason,
             headers=hdr.client_response(headers), _parsed=True)) or b""
         self.sent_head = True
-        if self.req.http_version != b"1.1" or framer.kind is Kind.EOF:
-            self.phase = "copy"
+        http11 = self.req.http_version == b"1.1"
+        if framer.kind is Kind.CHUNKED and not http11:
+            self.phase = "copy"  # h11 de-chunks it for an HTTP/1.0 client: its copy path
             return
+        # An until-EOF body: h11 announced chunked to an HTTP/1.1 client (we frame each read),
+        # close-delimited to an HTTP/1.0 one (it closes after, as client_keep says for 1.0).
+        self.rechunk = framer.kind is Kind.EOF and http11
         self.raw_response = True
         self.resp_framer = framer
         body0 = up.conn.trailing_data[0]
         n, _ = framer.feed(bytes(body0))
-        self.to_client += body0[:n]
+        if self.rechunk and n:
+            self.to_client += b"%x\r\n%s\r\n" % (n, body0[:n])
+        elif not self.rechunk:
+            self.to_client += body0[:n]
         self.up_after += body0[n:]
         self.phase = "response_body"
 
@@ -896,7 +904,7 @@ class RawExchange:
             response=self.resp_framer.snapshot() if self.resp_framer is not None else None,
             status=self.status, client_keep=self.client_keep, resp_keep=self.resp_keep,
             server=str(self.up.server.addr), elapsed=trio.current_time() - self.t0,
-            after=bytes(self.after), up_after=bytes(self.up_after))
+            after=bytes(self.after), up_after=bytes(self.up_after), rechunk=self.rechunk)
 
     @classmethod
     def from_state(cls, client: HttpClient, st: ExchangeState, snap: PairSnapshot,
@@ -930,6 +938,7 @@ class RawExchange:
         self.nbytes = 0
         self.sent_head = st.phase == "response_body"
         self.raw_response = st.phase == "response_body"
+        self.rechunk = st.rechunk
         self.done = False
         self.resp_keep = st.resp_keep
         self.client_keep = st.client_keep

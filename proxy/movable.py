@@ -85,3 +85,4 @@ class ExchangeState:
     elapsed: float  # seconds since the request head arrived
     after: bytes = b""  # client bytes past the request body (the next requests)
     up_after: bytes = b""  # upstream bytes past the response body
+    rechunk: bool = False  # an until-EOF response body re-framed as chunks for the client

@@ -543,7 +543,8 @@ def _encode_exchange(x: ExchangeState, body: bytearray) -> dict[str, Any]:
             "response": None if x.response is None else _encode_framing(x.response),
             "status": x.status, "client_keep": x.client_keep, "resp_keep": x.resp_keep,
             "server": x.server, "elapsed": x.elapsed,
-            "after": _span(x.after, body), "up_after": _span(x.up_after, body)}
+            "after": _span(x.after, body), "up_after": _span(x.up_after, body),
+            "rechunk": x.rechunk}
 
 
 def _bytes_of(h: _Head, name: str) -> bytes:
@@ -606,7 +607,8 @@ def _decode_exchange(h: _Head, body: bytes) -> ExchangeState:
         status=h.get("status", int), client_keep=h.get("client_keep", bool),
         resp_keep=h.get("resp_keep", bool), server=h.get("server", str),
         elapsed=float(h.get("elapsed", (int, float))),
-        after=_body_span(h, "after", body), up_after=_body_span(h, "up_after", body))
+        after=_body_span(h, "after", body), up_after=_body_span(h, "up_after", body),
+        rechunk=h.get("rechunk", bool, False))
     if (phase == "response_body") != (x.response is not None):
         raise ProtocolError(f"{h.what}: a response framing exactly in response_body")
     return x

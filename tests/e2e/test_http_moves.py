@@ -19,7 +19,7 @@ import pytest
 
 from tests.e2e.test_tcp import metric
 from tests.support.httpbackend import HttpBackend
-from tests.support.proc import Proxy
+from tests.support.proc import Proxy, alive
 from tests.support.rawhttp import Conn
 
 DRAIN = 60.0  # an old generation that waited for its exchanges would stay this long
@@ -195,14 +195,14 @@ def test_pipelined_requests_behind_a_streaming_response_move_with_it() -> None:
 
 
 def test_a_request_waiting_for_its_response_head_moves_too() -> None:
-    """A slow upstream (the head comes after 1.5 s): the exchange moves while it waits, the
+    """A slow upstream (the head comes after 6 s): the exchange moves while it waits, the
     next generation reads the head, and the old one does not wait for it."""
     with HttpBackend() as be:
         p = Proxy([be.addr], mode="http", proxy={"drain_timeout": DRAIN})
         try:
             p.start()
             with Conn(p.port, timeout=30) as c:
-                c.send(b"GET /slow?ms=1500 HTTP/1.1\r\nHost: t\r\n\r\n")
+                c.send(b"GET /slow?ms=6000 HTTP/1.1\r\nHost: t\r\n\r\n")
                 deadline = time.monotonic() + 10
                 while not any(path.startswith("/slow") for _, path, _ in be.requests):
                     assert time.monotonic() < deadline
@@ -211,9 +211,10 @@ def test_a_request_waiting_for_its_response_head_moves_too() -> None:
                 upgrade_promptly(p)
                 new = p.pid()
                 status, _, body = c.response()
-                assert (status, json.loads(body)["path"]) == (200, "/slow?ms=1500")
+                assert (status, json.loads(body)["path"]) == (200, "/slow?ms=6000")
                 # The new generation finished it (it moved), the old one did not wait for it.
-                assert p.find_log(rf"event=access gen=\d+ pid={new} .*path=\"?/slow")
+                p.wait_log(rf"event=access gen=\d+ pid={new} .*path=\"?/slow")  # (logged
+                # just after the last byte went out)
                 assert not p.find_log(rf"event=access gen=\d+ pid={old} .*path=\"?/slow")
                 assert c.get("/echo?next")[0] == 200
             assert metric(p, "proxy_handover_connections_total", mode="http_exchange") == 1
@@ -253,5 +254,33 @@ def test_a_download_sent_to_a_generation_that_dies_resumes_where_it_was() -> Non
                 assert p.serving_pid() == old
                 assert c.get("/echo?after")[0] == 200
             assert metric(p, "proxy_upgrades_total", result="failed") == 1
+        finally:
+            p.stop()
+
+
+def test_a_response_that_ends_at_the_upstreams_close_moves_as_chunks() -> None:
+    """No Content-Length, no chunking: the body ends when the upstream closes. h11 announces
+    it chunked to an HTTP/1.1 client; the proxy frames each read as a chunk, so the exchange
+    moves like any other and the client connection stays usable."""
+    with HttpBackend() as be:
+        p = Proxy([be.addr], mode="http", proxy={"drain_timeout": DRAIN})
+        try:
+            p.start()
+            with Conn(p.port, timeout=30) as c:
+                c.send(b"GET /slowbody?ms=1500 HTTP/1.1\r\nHost: t\r\n\r\n")
+                status, headers, _ = c.response(head_only=True)
+                assert status == 200 and headers.get("transfer-encoding") == "chunked"
+                old = p.pid()
+                upgrade_promptly(p)  # the upstream is still sleeping before its second half
+                assert not alive(old)
+                got = bytearray(c.buf)
+                c.buf = b""
+                while not got.endswith(b"\r\n0\r\n\r\n"):
+                    chunk = c.sock.recv(1 << 16)
+                    assert chunk
+                    got += chunk
+                assert dechunk(bytes(got)) == b"first half;second half"
+                assert c.get("/echo?after")[0] == 200
+            assert metric(p, "proxy_handover_connections_total", mode="http_exchange") == 1
         finally:
             p.stop()
