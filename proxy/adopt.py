@@ -167,8 +167,7 @@ class _Takeover:
             reason = "stopping"
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await self.ch.abort(reason, serving=self.serving)
-            if not self.serving:
-                self.server.drop_adopted()
+            self.server.drop_adopted()  # never ACKed: the old generation resumes them
             raise
         except (ChannelError, ProtocolError, ValueError, OSError) as exc:
             reason = str(exc)

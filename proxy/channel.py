@@ -133,6 +133,13 @@ class Channel:
             raise PeerAborted(f"peer aborted: {event.reason[:200]}", event.serving)
         return event, fds
 
+    def ready_now(self) -> tuple[Event, OwnedFds] | None:
+        """The next event if its bytes are already here (never waits). Raises ChannelError."""
+        try:
+            return self._ready_now()
+        except _ERRORS as exc:
+            raise ChannelError(_describe(exc)) from exc
+
     def _ready_now(self) -> tuple[Event, OwnedFds] | None:
         while (got := self.session.next_event()) is None:
             if not fdpass.recv_nowait(self.sock, self.session):

@@ -30,7 +30,10 @@ def peer_cred(sock: socket.socket) -> tuple[int, int, int]:
 
 
 async def send(sock: socket.socket, data: bytes, fds: list[int]) -> None:
-    """Write all of `data`, with `fds` (at most MAX_FDS) riding on its first byte."""
+    """Write all of `data`, with `fds` (at most MAX_FDS) riding on its first byte. A cancel
+    never lands after the frame went out: once written it counts as sent (the peer acts on it:
+    an ACK, a RELEASED)."""
+    await trio.lowlevel.checkpoint_if_cancelled()
     view = memoryview(data)
     first = True
     while view or first:
@@ -45,7 +48,6 @@ async def send(sock: socket.socket, data: bytes, fds: list[int]) -> None:
             continue
         first = False
         view = view[n:]
-    await trio.lowlevel.checkpoint()
 
 
 def recv_nowait(sock: socket.socket, session: Session, size: int = 1 << 20) -> bool:

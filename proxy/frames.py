@@ -148,8 +148,8 @@ class Framer:
             raise ProtocolError(f"frame without its fds ({len(self._fds)} of {nfds})")
         try:
             head = json.loads(bytes(self._buf[HEADER.size:HEADER.size + hlen]).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise ProtocolError("head is not JSON") from exc
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise ProtocolError("head is not JSON (or nested too deep)") from exc
         if not isinstance(head, dict):
             raise ProtocolError("head is not a JSON object")
         body = bytes(self._buf[HEADER.size + hlen:end])

@@ -223,6 +223,7 @@ class HttpClient:
         self.raw: RawExchange | None = None  # the exchange in progress on the raw body path
         if exchange is not None:  # adopted mid-exchange (ValueError: an impossible state)
             self.raw = RawExchange.from_state(self, *exchange)
+            self.requests = 1  # (its next request waits keepalive_timeout, not header_timeout)
         self._pausing = False
         self._closing = False
         self._answered_error = False  # an error response went out: the close may linger
@@ -311,7 +312,8 @@ class HttpClient:
                 # Not movable meanwhile (not idle): a generation waits for it as for a request
                 # in progress, which linger_close bounds by lingering_time.
                 await linger.linger_close(self.sock, self.side.listener)
-        except (OSError, h11.ProtocolError, UpstreamBroken, ClientGone) as exc:
+        except (OSError, h11.ProtocolError, UpstreamBroken, ClientGone, FramingError,
+                Retry) as exc:
             log.debug("http_conn_error", client=self.client, error=repr(exc))
         finally:
             self.idle = False
@@ -357,6 +359,8 @@ class HttpClient:
         idle_deadline = now + (lst.keepalive_timeout if self.requests else lst.header_timeout)
         head_deadline: float | None = None
         while True:
+            if self._pausing:  # asked while the last exchange ended: buffered requests move
+                return State.PAUSED
             try:
                 event = self.conn.next_event()
             except h11.RemoteProtocolError as exc:
@@ -474,7 +478,12 @@ class HttpClient:
                 head = bytearray(up.conn.send(h11.Request(  # from h11's parser: _parsed
                     method=req.method, target=req.target, headers=up_headers,
                     http_version=b"1.1", _parsed=True)) or b"")
-                self.raw = RawExchange(self, req, up_headers, up, head, t0)
+                try:
+                    self.raw = RawExchange(self, req, up_headers, up, head, t0)
+                except FramingError as exc:  # the body bytes that came with the head
+                    up.close()
+                    await self._error(exc.status_hint, str(exc))
+                    return None
                 await self._run_raw(self.raw)
                 return None
             except Retry:
@@ -502,8 +511,7 @@ class HttpClient:
             raise
         except FramingError as exc:  # the client's request body: malformed chunked framing
             up.close()
-            await self._error(exc.status_hint, str(exc))
-            raw.status = exc.status_hint
+            await self._error(exc.status_hint, str(exc))  # (counted there)
         except (OSError, UpstreamBroken, trio.TooSlowError, h11.LocalProtocolError) as exc:
             up.close()
             if not raw.sent_head and raw.status == 0:
@@ -713,6 +721,7 @@ class RawExchange:
         self.resp_keep = False
         self.resp_framer: BodyFramer | None = None
         self._safe = True  # False around the few awaits that are not pause-safe
+        self.may_retry = up.reused  # until the upstream has seen a byte of ours (or a pause)
         headers = _pairs(req.headers)
         self.client_keep = req.http_version == b"1.1" and b"close" not in hdr.tokens(
             headers, b"connection")
@@ -731,9 +740,12 @@ class RawExchange:
         """Carry on from the current phase to the end; Paused if `scope` was cancelled. (A
         fresh scope each time: one that paused it may resume it here after a rollback.)"""
         self.scope = trio.CancelScope()
+        if self.c._pausing:  # asked while the previous exchange was ending: stop at once
+            self.scope.cancel()
         with self.scope:
             await self._run()
         if self.scope.cancelled_caught:
+            self.may_retry = False
             raise Paused()
 
     async def _run(self) -> None:
@@ -745,9 +757,10 @@ class RawExchange:
                 try:
                     await flush(up.sock, self.to_up, side.count_c2u)
                 except OSError as exc:
-                    if up.reused and len(self.to_up) == head_len:
+                    if self.may_retry and len(self.to_up) == head_len:
                         raise Retry() from exc  # a pooled connection dead before it saw anything
                     raise
+                self.may_retry = False
                 await pump_body(c.sock, up.sock, self.req_framer, self.to_up, self.after,
                                 side.count_c2u, side.listener.idle_timeout)
             except PeerClosed as exc:
@@ -788,7 +801,7 @@ class RawExchange:
             try:
                 event = upc.next_event()
             except h11.RemoteProtocolError as exc:
-                if up.reused and not got_any:
+                if self.may_retry and not got_any:
                     raise Retry() from exc
                 raise UpstreamBroken(str(exc)) from exc
             if event is h11.NEED_DATA:
@@ -807,10 +820,11 @@ class RawExchange:
                 return event
             if isinstance(event, h11.InformationalResponse) and event.status_code != 101:
                 self._safe = False  # a 1xx head is short: sent whole, never half
-                await flush(c.sock, bytearray(c.conn.send(h11.InformationalResponse(
-                    status_code=event.status_code,
-                    headers=hdr.client_response(_pairs(event.headers)), _parsed=True)) or b""),
-                    side.count_u2c)
+                with trio.CancelScope(shield=True):
+                    await flush(c.sock, bytearray(c.conn.send(h11.InformationalResponse(
+                        status_code=event.status_code,
+                        headers=hdr.client_response(_pairs(event.headers)),
+                        _parsed=True)) or b""), side.count_u2c)
                 self._safe = True
                 continue
             raise UpstreamBroken("upstream closed (or switched protocols) before a response")
@@ -838,7 +852,10 @@ class RawExchange:
         self.raw_response = True
         self.resp_framer = framer
         body0 = up.conn.trailing_data[0]
-        n, _ = framer.feed(bytes(body0))
+        try:
+            n, _ = framer.feed(bytes(body0))
+        except FramingError as exc:
+            raise UpstreamBroken(f"bad response framing: {exc}") from exc
         if self.rechunk and n:
             self.to_client += b"%x\r\n%s\r\n" % (n, body0[:n])
         elif not self.rechunk:
@@ -939,6 +956,7 @@ class RawExchange:
         self.sent_head = st.phase == "response_body"
         self.raw_response = st.phase == "response_body"
         self.rechunk = st.rechunk
+        self.may_retry = False
         self.done = False
         self.resp_keep = st.resp_keep
         self.client_keep = st.client_keep

@@ -212,7 +212,12 @@ class Metrics(Collector):
 
 
 def _check_number(name: str, v: object) -> None:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+    try:
+        ok = (not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v)
+              and v >= 0)
+    except OverflowError:  # an int too big for a float
+        ok = False
+    if not ok:
         raise ValueError(f"metrics snapshot: bad value in {name}")
 
 

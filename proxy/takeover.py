@@ -435,6 +435,14 @@ class _Head:
             raise ProtocolError(f"{self.what}.{name}: missing or of the wrong type")
         if isinstance(v, float) and not math.isfinite(v):
             raise ProtocolError(f"{self.what}.{name}: not a finite number")
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 1 << 53:
+            raise ProtocolError(f"{self.what}.{name}: number out of range")
+        return v
+
+    def pid(self, name: str) -> int:
+        v = int(self.get(name, int))
+        if v <= 0:  # 0 or -1 would signal a process group or everything we may signal
+            raise ProtocolError(f"{self.what}.{name}: not a pid")
         return v
 
     def ints(self, name: str, default: Any = ...) -> tuple[int, ...]:
@@ -450,10 +458,10 @@ def _decode(mtype: MsgType, frame: Frame) -> Event:
         lo_hi = h.ints("protocols", (1, 1))  # protocol 1 did not say: it spoke 1
         if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
             raise ProtocolError("HELLO.protocols: not a range [lo, hi]")
-        return Hello(h.get("pid", int), h.get("version", str, ""), (lo_hi[0], lo_hi[1]))
+        return Hello(h.pid("pid"), h.get("version", str, ""), (lo_hi[0], lo_hi[1]))
     if mtype is MsgType.WELCOME:
         signalled = float(h.get("signalled_at", (int, float)))
-        return Welcome(h.get("pid", int), h.get("generation", int), signalled,
+        return Welcome(h.pid("pid"), h.get("generation", int), signalled,
                        float(h.get("started_at", (int, float), signalled)),
                        h.get("version", str, ""), h.get("protocol", int, 1))
     if mtype is MsgType.LISTENERS:
@@ -499,6 +507,8 @@ def _decode_conns(h: _Head, body: bytes) -> tuple[ConnRecord, ...]:
         exchange = None
         if mode == "http_exchange":
             exchange = _decode_exchange(_Head("CONNS.exchange", rec.get("exchange", dict)), body)
+            if exchange.phase == "request_body" and dirs[1].pending:
+                raise ProtocolError("CONNS.exchange: response bytes before the response")
         out.append(ConnRecord(id=rec.get("id", int), listener=rec.get("listener", str),
                               mode=mode, client=rec.get("client", str),
                               server=rec.get("server", str), state=PairSnapshot(*dirs),
@@ -609,6 +619,31 @@ def _decode_exchange(h: _Head, body: bytes) -> ExchangeState:
         elapsed=float(h.get("elapsed", (int, float))),
         after=_body_span(h, "after", body), up_after=_body_span(h, "up_after", body),
         rechunk=h.get("rechunk", bool, False))
-    if (phase == "response_body") != (x.response is not None):
-        raise ProtocolError(f"{h.what}: a response framing exactly in response_body")
+    problem = _exchange_problem(x)
+    if problem:
+        raise ProtocolError(f"{h.what}: {problem}")
     return x
+
+
+def _exchange_problem(x: ExchangeState) -> str | None:
+    """Why `x` cannot be an exchange a generation paused, or None (peer data: strict)."""
+    if (x.phase == "response_body") != (x.response is not None):
+        return "a response framing exactly in response_body"
+    request_done = x.request.phase is Phase.DONE
+    if x.phase != "request_body" and not request_done:
+        return f"{x.phase} with the request body unfinished"
+    if x.after and not request_done:
+        return "bytes past an unfinished request body"
+    if x.up_after and x.phase != "response_body":
+        return "upstream bytes past a response not being sent"
+    if x.rechunk and (x.response is None or x.response.kind is not Kind.EOF):
+        return "re-chunking a body that is not until-EOF"
+    if x.phase == "response_body" and not 100 <= x.status <= 999:
+        return "no valid status for the response being sent"
+    fields = [x.method, x.target, x.version, *(b for pair in x.headers for b in pair),
+              *(b for pair in x.up_headers for b in pair)]
+    if any(c in f for f in fields for c in (b"\r", b"\n", b"\0")):
+        return "CR, LF or NUL in a replayed head"
+    if x.version not in (b"1.0", b"1.1") or (x.client_keep and x.version != b"1.1"):
+        return "bad HTTP version or keep-alive"
+    return None

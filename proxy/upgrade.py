@@ -378,6 +378,19 @@ class Upgrader:
                 if isinstance(event, Ack):
                     self.server.acknowledge(event.ids)
         await ch.abort(attempt.cause or "aborted", serving=False)
+        # Fence: from here a slow successor's ACK write fails (EPIPE), so it cannot take a
+        # batch we are about to resume; an ACK already queued still counts.
+        with contextlib.suppress(OSError):
+            ch.sock.shutdown(socket.SHUT_RD)
+        with contextlib.suppress(ChannelError):
+            while ch.session.unacked:
+                got = ch.ready_now()
+                if got is None:
+                    break
+                event, fds = got
+                fds.close()
+                if isinstance(event, Ack):
+                    self.server.acknowledge(event.ids)
         self.server.hold.release()
         kept = self.server.resume_exported()
         if kept:
@@ -405,6 +418,8 @@ class Upgrader:
             self._restart_channel()
             notify.title(f"generation {self.generation} serving")
             self.set_phase(Phase.SERVING)
+            if self.pending:  # a signal that found no successor to go to
+                self.spawn(self._run_attempts)
             return
         log.error("handover_incomplete", reason=attempt.cause, kept=len(self.server.conns))
         notify.title(f"generation {self.generation} draining")
@@ -443,19 +458,19 @@ class Upgrader:
         srv.stop_accepting()
         self.serving = False
         carry = self.pending and version >= 2  # protocol 1 cannot say it: we forward instead
-        if carry:
-            self.pending = False
         # One snapshot is both what RELEASED carries and the base of DONE's delta, so every
         # count lands in exactly one of them (a second one taken after the send would drop what
         # was counted while the send yielded).
         base = self.metrics.snapshot()
         await ch.send(Released(base, upgrade_pending=carry))
+        if carry:  # (only once it went out: a failed send rolls back with it still queued)
+            self.pending = False
         notify.title(f"generation {self.generation} handing over")
         attempt.released = True
         attempt.decided.set()
-        self.successor_pid = hello.pid
+        self.successor_pid = peer_pid  # (the kernel's word, SO_PEERCRED, not the peer's)
         self.stop_channel()  # the successor serves the channel from now on
-        self.set_phase(Phase.RELEASED, successor_pid=hello.pid, connections=len(srv.conns))
+        self.set_phase(Phase.RELEASED, successor_pid=peer_pid, connections=len(srv.conns))
         self.attempt = None
         attempt.finished.set()
         if self.pending:  # came while RELEASED was on its way: the successor's to carry out

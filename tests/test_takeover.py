@@ -491,3 +491,56 @@ def test_conns_garbage_from_a_peer_with_real_socketpairs() -> None:
         finally:
             a.close()
             b.close()
+
+
+def test_mutated_frames_fail_only_with_protocol_error() -> None:
+    """Random byte and JSON mutations of valid frames (a recorded exchange included): decoding
+    either works or raises ProtocolError, never anything else (a hostile peer must not crash the
+    serving generation)."""
+    import random
+
+    from proxy.framing import BodyFramer
+    from proxy.movable import ExchangeState
+
+    rng = random.Random(7)
+    x = ExchangeState(phase="response_body", method=b"GET", target=b"/", version=b"1.1",
+                      headers=((b"host", b"x"),), up_headers=((b"host", b"x"),),
+                      request=BodyFramer.content_length(0).snapshot(),
+                      response=BodyFramer.chunked().snapshot(), status=200, client_keep=True,
+                      resp_keep=True, server="127.0.0.1:1", elapsed=0.5)
+    rec = ConnRecord(9, "web", "http_exchange", "c", "127.0.0.1:1",
+                     PairSnapshot(DirectionSnapshot(b"up"), DirectionSnapshot(b"down")), x)
+    old, _ = at_released()
+    valid = old.send(Conns((rec,)), [1, 2])
+    bad_values = [None, True, -1, 10**400, 1e308 * 10, "x" * 3, [], {}, [[[[[]]]]], 2**60]
+    for _ in range(1500):
+        data = bytearray(valid)
+        if rng.random() < 0.5:
+            for _ in range(rng.randint(1, 4)):
+                data[rng.randrange(HEADER.size, len(data))] = rng.randrange(256)
+        else:
+            hlen = struct.unpack_from("!I", data, 10)[0]
+            head = json.loads(data[HEADER.size:HEADER.size + hlen])
+            target = head["conns"][0]
+            while isinstance(target, dict) and rng.random() < 0.6:
+                target = target[rng.choice(sorted(target))] if target else target
+            if isinstance(target, dict) and target:
+                target[rng.choice(sorted(target))] = rng.choice(bad_values)
+            elif isinstance(target, list) and target:
+                target[rng.randrange(len(target))] = rng.choice(bad_values)
+            raw = json.dumps(head).encode()
+            data = bytearray(HEADER.pack(b"PXTK", 1, 5, 2, len(raw), 0) + raw)
+        _, new = at_released()
+        new.receive_data(bytes(data))
+        fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(2)]
+        new.receive_fds(fds)
+        try:
+            got = new.next_event()
+        except ProtocolError:
+            new.close()  # (a frame that failed whole leaves its fds to the session's close)
+            assert all(_closed(fd) for fd in fds)
+            continue
+        if got is None:
+            new.close()
+        else:
+            got[1].close()

@@ -284,3 +284,24 @@ def test_a_response_that_ends_at_the_upstreams_close_moves_as_chunks() -> None:
             assert metric(p, "proxy_handover_connections_total", mode="http_exchange") == 1
         finally:
             p.stop()
+
+
+def test_bad_chunked_framing_in_the_same_read_as_the_head_is_a_400_not_a_crash() -> None:
+    """The body bytes that arrive with the head go through the framing tracker at once: a bad
+    chunk size there is the client's error (400, counted once) and the proxy serves on."""
+    with HttpBackend() as be:
+        p = Proxy([be.addr], mode="http")
+        try:
+            p.start()
+            with Conn(p.port) as c:
+                c.send(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+                assert c.response()[0] == 400
+            with Conn(p.port) as c:
+                c.send(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+                c.send(b"zz\r\n")  # the same, in a read of its own
+                assert c.response()[0] == 400
+            with Conn(p.port) as c:
+                assert c.get("/echo?still-serving")[0] == 200
+            assert metric(p, "proxy_http_requests_total", listener="web", code="400") == 2
+        finally:
+            p.stop()
