@@ -512,7 +512,7 @@ def test_mutated_frames_fail_only_with_protocol_error() -> None:
                      PairSnapshot(DirectionSnapshot(b"up"), DirectionSnapshot(b"down")), x)
     old, _ = at_released()
     valid = old.send(Conns((rec,)), [1, 2])
-    bad_values = [None, True, -1, 10**400, 1e308 * 10, "x" * 3, [], {}, [[[[[]]]]], 2**60]
+    bad_values: list[object] = [None, True, -1, 10**400, 1e308 * 10, "x" * 3, [], {}, [[[[[]]]]], 2**60]
     for _ in range(1500):
         data = bytearray(valid)
         if rng.random() < 0.5:
