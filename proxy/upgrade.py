@@ -66,7 +66,9 @@ from proxy.takeover import (
 
 CLOSE_WAIT = 5.0  # after DONE, how long we wait for the new generation to hang up
 HELLO_TIMEOUT = 5.0  # a peer that connects and says nothing must not hold the channel
-BATCH_CONNS = 64  # connections per CONNS batch (the fd limit alone would allow 126)
+BATCH_CONNS = 32  # connections per CONNS batch: each batch stalls every pair of both sides for
+# its adoption, so smaller means shorter stalls; 32 vs 64 measured: the same handover time,
+# p99 stall 16-18 ms instead of 24-28 (9,900 streams). The fd limit alone would allow 126.
 LATE_ACK_WAIT = 0.2  # on a broken session, how long ACKs already sent may still arrive
 SUCCESSOR_EXIT_WAIT = 0.5  # a session broken by the successor's death: its exit follows at once
 
