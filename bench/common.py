@@ -446,7 +446,7 @@ class Upgrade:
     handover_ms: float = float("nan")  # from the old side's `handed_over` line
     moved: int = -1
     done_moved: int = -1  # from the old side's `phase=done` line (incl. moved after RELEASED)
-    boot_ms: float = float("nan")  # old side's log: phase=spawning -> phase=handover (the new
+    boot_ms: float = float("nan")  # old side's log: phase=spawning -> phase=released (the new
     #                                generation started, took the listeners and said READY)
     old_cpu_ms: float = float("nan")  # the old generation, SIGUSR2 -> exit: time on a CPU
     old_wait_ms: float = float("nan")  # ... and time runnable but waiting for one (busy machine)
@@ -591,7 +591,7 @@ class ProxyProcess(Service):
         text = self.text(mark)
         spawning = re.search(rf"^(\S+) level=info event=phase gen=\d+ pid={old} phase=spawning",
                              text, re.M)
-        handover = re.search(rf"^(\S+) level=info event=phase gen=\d+ pid={old} phase=handover",
+        handover = re.search(rf"^(\S+) level=info event=phase gen=\d+ pid={old} phase=released",
                              text, re.M)
         if spawning and handover:
             up.boot_ms = (log_time(handover.group(1)) - log_time(spawning.group(1))) * 1000

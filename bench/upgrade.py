@@ -544,9 +544,9 @@ def report(cases: list[Case], args: argparse.Namespace) -> None:
                  "old cpu", "old runq wait", "moved", "late", "sampled", "stall p50", "stall p99",
                  "stall max", "errors"],
                 rows)
-    print("boot: spawning -> handover phase (the new generation started, holds the listeners, "
+    print("boot: spawning -> released phase (the new generation started, holds the listeners, "
           "said READY); handover: the old side's handover_ms (pause + send + ACK of every pair, "
-          "up to RELEASED); old cpu / old runq wait: the old generation's time on a CPU and "
+          "from RELEASED on); old cpu / old runq wait: the old generation's time on a CPU and "
           "time runnable but waiting for a CPU from SIGUSR2 to its exit (/proc/PID/schedstat): a "
           "wait that grows while the cpu does not means a busy machine, not more work; "
           "late: pairs moved after RELEASED; sampled: streams with a burst in "
