@@ -76,9 +76,8 @@ async def pump_body(src: socket.socket, dst: socket.socket, framer: BodyFramer,
                 pending += b"0\r\n\r\n"
             continue  # flush what is pending, then done
         n, _ = framer.feed(data)
-        if rechunk:
-            pending += b"%x\r\n%s\r\n" % (n, data[:n])
+        if n == len(data):  # the common case: the whole read is body (no slice copy)
+            pending += b"%x\r\n%s\r\n" % (n, data) if rechunk else data
             continue
-        pending += data[:n]
-        if n < len(data):
-            after += data[n:]
+        pending += data[:n]  # (an until-EOF body, the one rechunked, never ends mid-read)
+        after += data[n:]

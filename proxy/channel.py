@@ -122,7 +122,7 @@ class Channel:
             except trio.TooSlowError:
                 # A process that was stopped (SIGSTOP, a long GC, a busy machine) wakes up past
                 # its deadline with the answer already waiting: read what is there first.
-                got = self._ready_now()
+                got = self.ready_now()
                 if got is None:
                     raise
         except _ERRORS as exc:
@@ -136,14 +136,11 @@ class Channel:
     def ready_now(self) -> tuple[Event, OwnedFds] | None:
         """The next event if its bytes are already here (never waits). Raises ChannelError."""
         try:
-            return self._ready_now()
+            while (got := self.session.next_event()) is None:
+                if not fdpass.recv_nowait(self.sock, self.session):
+                    return None
         except _ERRORS as exc:
             raise ChannelError(_describe(exc)) from exc
-
-    def _ready_now(self) -> tuple[Event, OwnedFds] | None:
-        while (got := self.session.next_event()) is None:
-            if not fdpass.recv_nowait(self.sock, self.session):
-                return None
         return got
 
     async def abort(self, reason: str, serving: bool) -> None:

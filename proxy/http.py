@@ -186,18 +186,6 @@ def _pairs(headers: h11._headers.Headers) -> hdr.Headers:
     return [(name, value) for _, name, value in full]
 
 
-async def _send(sock: socket.socket, data: bytes, count: Callable[[int], None]) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            n = sock.send(view)
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-            continue
-        view = view[n:]
-        count(n)
-
-
 def _head_size(req: h11.Request) -> int:
     """The request head's size on the wire, near enough (line ends and separators counted)."""
     return (len(req.method) + len(req.target) + 12
@@ -414,7 +402,7 @@ class HttpClient:
 
     async def _to_client(self, *events: h11.Event) -> None:
         data = b"".join(self.conn.send(e) or b"" for e in events)
-        await _send(self.sock, data, self.side.count_u2c)
+        await flush(self.sock, bytearray(data), self.side.count_u2c)
 
     async def _error(self, status: int, detail: str) -> None:
         """Answer with a short error and make the connection close (if a response can still be
@@ -474,12 +462,12 @@ class HttpClient:
                 return None
             try:
                 if tunnel:
-                    return await self._forward(req, up_headers, tunnel, up, method, target, t0)
+                    return await self._tunnel(req, up_headers, up, method, target, t0)
                 head = bytearray(up.conn.send(h11.Request(  # from h11's parser: _parsed
                     method=req.method, target=req.target, headers=up_headers,
                     http_version=b"1.1", _parsed=True)) or b"")
                 try:
-                    self.raw = RawExchange(self, req, up_headers, up, head, t0)
+                    self.raw = RawExchange(self, req, headers, up_headers, up, head, t0)
                 except FramingError as exc:  # the body bytes that came with the head
                     up.close()
                     await self._error(exc.status_hint, str(exc))
@@ -538,13 +526,14 @@ class HttpClient:
             if up is not None:
                 return up
         sock, server = await connect(side.balancer, side.on_connect_failure, order=order)
-        server.active -= 1  # http counts in-flight requests instead (see _forward)
+        server.active -= 1  # http counts in-flight requests instead (see _run_raw, _tunnel)
         return UpConn(sock, h11.Connection(h11.CLIENT), server)
 
-    async def _forward(self, req: h11.Request, up_headers: hdr.Headers, tunnel: bool,
-                       up: UpConn, method: str, target: str, t0: float) -> Relay | None:
-        """One request/response over `up`. Bytes for a peer are gathered while h11 has events
-        in hand and sent once it needs more input: one send per message, not per event."""
+    async def _tunnel(self, req: h11.Request, up_headers: hdr.Headers, up: UpConn, method: str,
+                      target: str, t0: float) -> Relay | None:
+        """A request asking for an Upgrade, over `up`, through h11 both ways (a Relay if the
+        upstream answers 101; any other answer is passed on as a response). Bytes for a peer are
+        gathered while h11 has events in hand and sent once it needs more input."""
         side = self.side
         upc = up.conn
         up.server.active += 1
@@ -589,8 +578,7 @@ class HttpClient:
                     raise UpstreamBroken(str(exc)) from exc
                 if event is h11.NEED_DATA:
                     if out:
-                        await _send(self.sock, bytes(out), side.count_u2c)
-                        out.clear()
+                        await flush(self.sock, out, side.count_u2c)
                     with trio.CancelScope(deadline=math.inf if sent_head else deadline) as t:
                         if sent_head and side.listener.idle_timeout:
                             t.deadline = trio.current_time() + side.listener.idle_timeout
@@ -616,10 +604,10 @@ class HttpClient:
                     sent_head = True
                 elif isinstance(event, h11.EndOfMessage):
                     out += self.conn.send(h11.EndOfMessage()) or b""
-                    await _send(self.sock, bytes(out), side.count_u2c)
+                    await flush(self.sock, out, side.count_u2c)
                     break
                 elif isinstance(event, h11.InformationalResponse):
-                    if event.status_code == 101 and tunnel:
+                    if event.status_code == 101:
                         status = 101
                         return await self._switch(event, up)
                     out += self.conn.send(h11.InformationalResponse(
@@ -655,12 +643,11 @@ class HttpClient:
         if not out:
             return
         try:
-            await _send(up.sock, bytes(out), self.side.count_c2u)
+            await flush(up.sock, out, self.side.count_c2u)
         except OSError as exc:
             if first and up.reused:
                 raise Retry() from exc
             raise
-        out.clear()
 
     async def _switch(self, event: h11.InformationalResponse, up: UpConn) -> Relay:
         """101: answer the client, then relay both sockets as a tcp pair, h11's unprocessed
@@ -699,8 +686,8 @@ class RawExchange:
     bodies (`finish`).
     """
 
-    def __init__(self, client: HttpClient, req: h11.Request, up_headers: hdr.Headers,
-                 up: UpConn, head: bytearray, t0: float) -> None:
+    def __init__(self, client: HttpClient, req: h11.Request, headers: hdr.Headers,
+                 up_headers: hdr.Headers, up: UpConn, head: bytearray, t0: float) -> None:
         self.c = client
         self.req = req
         self.up_headers = up_headers
@@ -722,13 +709,12 @@ class RawExchange:
         self.resp_framer: BodyFramer | None = None
         self._safe = True  # False around the few awaits that are not pause-safe
         self.may_retry = up.reused  # until the upstream has seen a byte of ours (or a pause)
-        headers = _pairs(req.headers)
         self.client_keep = req.http_version == b"1.1" and b"close" not in hdr.tokens(
             headers, b"connection")
         self.req_framer = framer_for(req.method, headers,
                                      max_line=client.side.listener.max_header_size)
         body0 = client.conn.trailing_data[0]
-        n, _ = self.req_framer.feed(bytes(body0))
+        n, _ = self.req_framer.feed(body0)
         self.to_up += body0[:n]
         self.after += body0[n:]
 
@@ -853,7 +839,7 @@ class RawExchange:
         self.resp_framer = framer
         body0 = up.conn.trailing_data[0]
         try:
-            n, _ = framer.feed(bytes(body0))
+            n, _ = framer.feed(body0)
         except FramingError as exc:
             raise UpstreamBroken(f"bad response framing: {exc}") from exc
         if self.rechunk and n:

@@ -31,6 +31,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.backends import Backend, echo
+from tests.support.load import ShortConns, wait_until
 from tests.support.proc import Proxy, alive
 
 UPGRADES = int(os.environ.get("COUNT_EXACT_UPGRADES", "8"))
@@ -51,54 +52,7 @@ def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-@dataclass
-class Client:
-    """Open, echo one line, close, again and again; counts what it did."""
-
-    port: int
-    ident: int
-    connected: int = 0  # TCP connect succeeded (the proxy's listen backlog took it)
-    ok: int = 0  # echo verified
-    sent: int = 0  # bytes written
-    received: int = 0  # bytes read
-    failures: list[str] = field(default_factory=list)
-
-    async def run(self, stop: trio.Event) -> None:
-        n = 0
-        while not stop.is_set():
-            n += 1
-            try:
-                with trio.fail_after(10):
-                    stream = await trio.open_tcp_stream("127.0.0.1", self.port)
-                    self.connected += 1
-                    async with stream:
-                        msg = b"client %d line %d\n" % (self.ident, n)
-                        await stream.send_all(msg)
-                        self.sent += len(msg)
-                        got = b""
-                        while len(got) < len(msg):
-                            chunk = await stream.receive_some(100)
-                            if not chunk:
-                                raise EOFError(f"EOF after {got!r}")
-                            got += chunk
-                            self.received += len(chunk)
-                        if got != msg:
-                            raise AssertionError(f"{got!r} != {msg!r}")
-                self.ok += 1
-            except (OSError, EOFError, AssertionError, trio.TooSlowError,
-                    trio.BrokenResourceError) as exc:
-                self.failures.append(f"client {self.ident} #{n}: {type(exc).__name__}: {exc}")
-            await trio.lowlevel.checkpoint()
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 15.0) -> None:
-    """Poll `cond` (a log line, a pidfile, a metric, a counter) until true, bounded."""
-    with trio.fail_after(timeout):
-        while not cond():
-            await trio.sleep(0.01)
-
-
-def each_progressed(clients: list[Client]) -> Callable[[], bool]:
+def each_progressed(clients: list[ShortConns]) -> Callable[[], bool]:
     """True once every client completed another connection since now."""
     mark = [c.ok for c in clients]
     return lambda: all(c.ok > k for c, k in zip(clients, mark, strict=True))
@@ -110,7 +64,7 @@ async def test_short_connections_counted_exactly_once_across_upgrades() -> None:
     try:
         with trio.fail_after(240):
             await trio.to_thread.run_sync(p.start)
-            clients = [Client(p.port, i) for i in range(CLIENTS)]
+            clients = [ShortConns(p.port, i, pace=0) for i in range(CLIENTS)]
             stop = trio.Event()
             pids = [p.pid()]
             async with trio.open_nursery() as nursery:
@@ -119,19 +73,19 @@ async def test_short_connections_counted_exactly_once_across_upgrades() -> None:
                 for _ in range(UPGRADES):
                     # every client gets through before the next upgrade: the loop really runs
                     # across each handover
-                    await wait_for(each_progressed(clients))
+                    await wait_until(each_progressed(clients))
                     pids.append(await trio.to_thread.run_sync(p.upgrade))
-                await wait_for(each_progressed(clients))
+                await wait_until(each_progressed(clients))
                 stop.set()
             # Every generation but the last has exited (so each sent its DONE delta)...
-            await wait_for(lambda: not any(alive(pid) for pid in pids[:-1]))
+            await wait_until(lambda: not any(alive(pid) for pid in pids[:-1]))
             assert p.serving_pid() == pids[-1]
             # ...and the last one holds no connection any more (every byte relayed is counted).
 
             def idle() -> bool:
                 m = scrape(p)
                 return value(m, "proxy_connections_active", listener="web") == 0
-            await wait_for(idle)
+            await wait_until(idle)
             m = scrape(p)
     finally:
         with trio.CancelScope(shield=True):
@@ -275,18 +229,18 @@ async def test_http_requests_and_bytes_counted_exactly_once_across_upgrades() ->
                         done.set()
                     nursery.start_soon(stream)
                     # the response streams (the old generation counts its bytes) before SIGUSR2
-                    await wait_for(lambda: streamer.current > 1 << 20)
+                    await wait_until(lambda: streamer.current > 1 << 20)
                     pids.append(await trio.to_thread.run_sync(upgrade_during, p, finish.set))
                     await done.wait()
                 mark = shorts.ok
-                await wait_for(lambda: shorts.ok > mark)
+                await wait_until(lambda: shorts.ok > mark)
                 stop.set()
-            await wait_for(lambda: not any(alive(pid) for pid in pids[:-1]))
+            await wait_until(lambda: not any(alive(pid) for pid in pids[:-1]))
             assert p.serving_pid() == pids[-1]
 
             def idle() -> bool:
                 return value(scrape(p), "proxy_connections_active", listener="web") == 0
-            await wait_for(idle)
+            await wait_until(idle)
             m = scrape(p)
     finally:
         with trio.CancelScope(shield=True):

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -48,6 +49,21 @@ def dechunk(raw: bytes) -> bytes:
         i += size + 2
 
 
+def read_chunked(c: Conn, on_progress: Callable[[int], None] = lambda n: None) -> bytes:
+    """The rest of a chunked body whose head `c.response(head_only=True)` read: raw wire bytes
+    until the last chunk (`on_progress(bytes so far)` after each read), de-chunked; what came
+    after it stays in `c.buf` (pipelined responses)."""
+    got = bytearray(c.buf)
+    c.buf = b""
+    while (end := got.find(b"\r\n0\r\n\r\n", max(0, len(got) - (1 << 16) - 8))) < 0:
+        chunk = c.sock.recv(1 << 16)  # small reads: the proxy waits on us
+        assert chunk, "the body was cut"
+        got += chunk
+        on_progress(len(got))
+    c.buf = bytes(got[end + 7:])
+    return dechunk(bytes(got[:end + 7]))
+
+
 def upgrade_promptly(p: Proxy) -> float:
     """Upgrade; return how long the old generation took to exit after SIGUSR2."""
     t0 = time.monotonic()
@@ -66,16 +82,13 @@ def test_a_256_mib_download_read_slowly_moves_across_5_upgrades() -> None:
                 c.send(b"GET /big?n=%d HTTP/1.1\r\nHost: t\r\n\r\n" % n)
                 status, headers, _ = c.response(head_only=True)
                 assert status == 200 and headers.get("transfer-encoding") == "chunked"
-                got = bytearray(c.buf)
-                c.buf = b""
                 exits: list[float] = []
-                while not got.endswith(b"\r\n0\r\n\r\n"):
-                    chunk = c.sock.recv(1 << 16)  # small reads: the proxy waits on us
-                    assert chunk, "the download was cut"
-                    got += chunk
-                    if len(exits) < 5 and len(got) > (len(exits) + 1) * n // 6:
+
+                def progress(k: int) -> None:
+                    if len(exits) < 5 and k > (len(exits) + 1) * n // 6:
                         exits.append(upgrade_promptly(p))
-                assert hashlib.sha256(dechunk(bytes(got))).hexdigest() == big_sha(n)
+
+                assert hashlib.sha256(read_chunked(c, progress)).hexdigest() == big_sha(n)
                 assert len(exits) == 5
                 assert max(exits) < DRAIN / 4, exits  # gone at once, not after drain_timeout
                 assert c.get("/echo?after")[0] == 200  # the same connection serves on
@@ -173,23 +186,17 @@ def test_pipelined_requests_behind_a_streaming_response_move_with_it() -> None:
                        b"GET /echo?third HTTP/1.1\r\nHost: t\r\n\r\n" % n)
                 status, _, _ = c.response(head_only=True)
                 assert status == 200
-                got = bytearray(c.buf)
-                c.buf = b""
-                upgraded = 0
-                while b"\r\n0\r\n\r\n" not in got:
-                    chunk = c.sock.recv(1 << 16)
-                    assert chunk
-                    got += chunk
-                    if upgraded < 2 and len(got) > (upgraded + 1) * n // 3:
-                        upgrade_promptly(p)
-                        upgraded += 1
-                end = got.index(b"\r\n0\r\n\r\n") + 7
-                assert hashlib.sha256(dechunk(bytes(got[:end]))).hexdigest() == big_sha(n)
-                c.buf = bytes(got[end:])
+                upgraded: list[float] = []
+
+                def progress(k: int) -> None:
+                    if len(upgraded) < 2 and k > (len(upgraded) + 1) * n // 3:
+                        upgraded.append(upgrade_promptly(p))
+
+                assert hashlib.sha256(read_chunked(c, progress)).hexdigest() == big_sha(n)
                 r2, r3 = c.response(), c.response()
                 assert (r2[0], json.loads(r2[2])["path"]) == (200, "/echo?second")
                 assert (r3[0], json.loads(r3[2])["path"]) == (200, "/echo?third")
-                assert upgraded == 2
+                assert len(upgraded) == 2
         finally:
             p.stop()
 
@@ -236,21 +243,19 @@ def test_a_download_sent_to_a_generation_that_dies_resumes_where_it_was() -> Non
                 c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
                 c.send(b"GET /big?n=%d HTTP/1.1\r\nHost: t\r\n\r\n" % n)
                 assert c.response(head_only=True)[0] == 200
-                got = bytearray(c.buf)
-                c.buf = b""
                 old = p.pid()
-                killed = False
-                while not got.endswith(b"\r\n0\r\n\r\n"):
-                    chunk = c.sock.recv(1 << 16)
-                    assert chunk, "the download was cut"
-                    got += chunk
-                    if not killed and len(got) > n // 3:
+                killed: list[bool] = []
+
+                def progress(k: int) -> None:
+                    if not killed and k > n // 3:
                         p.arm_fault("new:after_conns:crash")
                         os.kill(old, signal.SIGUSR2)
                         p.wait_log(rf"event=successor_lost gen=1 pid={old} ")
                         p.disarm_fault()
-                        killed = True
-                assert hashlib.sha256(dechunk(bytes(got))).hexdigest() == big_sha(n)
+                        killed.append(True)
+
+                assert hashlib.sha256(read_chunked(c, progress)).hexdigest() == big_sha(n)
+                assert killed
                 assert p.serving_pid() == old
                 assert c.get("/echo?after")[0] == 200
             assert metric(p, "proxy_upgrades_total", result="failed") == 1
@@ -273,13 +278,7 @@ def test_a_response_that_ends_at_the_upstreams_close_moves_as_chunks() -> None:
                 old = p.pid()
                 upgrade_promptly(p)  # the upstream is still sleeping before its second half
                 assert not alive(old)
-                got = bytearray(c.buf)
-                c.buf = b""
-                while not got.endswith(b"\r\n0\r\n\r\n"):
-                    chunk = c.sock.recv(1 << 16)
-                    assert chunk
-                    got += chunk
-                assert dechunk(bytes(got)) == b"first half;second half"
+                assert read_chunked(c) == b"first half;second half"
                 assert c.get("/echo?after")[0] == 200
             assert metric(p, "proxy_handover_connections_total", mode="http_exchange") == 1
         finally:

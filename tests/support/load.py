@@ -81,10 +81,16 @@ class SeqStream:
 
 @dataclass
 class ShortConns:
-    """Open, echo one line, close; again and again. Every failure is kept."""
+    """Open, echo one line, close; again and again. Every failure is kept, and what it did is
+    counted (for tests that compare the proxy's counters with it)."""
 
     port: int
-    ok: int = 0
+    ident: int = 0
+    pace: float = 0.002  # pause between connections (0: just a checkpoint)
+    connected: int = 0  # TCP connect succeeded (the proxy's listen backlog took it)
+    ok: int = 0  # echo verified
+    sent: int = 0  # bytes written
+    received: int = 0  # bytes read
     failures: list[str] = field(default_factory=list)
 
     async def run(self, stop: trio.Event) -> None:
@@ -94,22 +100,25 @@ class ShortConns:
             try:
                 with trio.fail_after(10):
                     stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+                    self.connected += 1
                     async with stream:
-                        msg = b"short %d\n" % n
+                        msg = b"short %d line %d\n" % (self.ident, n)
                         await stream.send_all(msg)
+                        self.sent += len(msg)
                         got = b""
                         while len(got) < len(msg):
                             chunk = await stream.receive_some(100)
                             if not chunk:
                                 raise EOFError(f"EOF after {got!r}")
                             got += chunk
+                            self.received += len(chunk)
                         if got != msg:
                             raise AssertionError(f"{got!r} != {msg!r}")
                 self.ok += 1
             except (OSError, EOFError, AssertionError, trio.TooSlowError,
                     trio.BrokenResourceError) as exc:
-                self.failures.append(f"#{n}: {type(exc).__name__}: {exc}")
-            await trio.sleep(0.002)
+                self.failures.append(f"{self.ident} #{n}: {type(exc).__name__}: {exc}")
+            await trio.sleep(self.pace)
 
 
 async def wait_until(cond: Callable[[], bool], timeout: float = 15.0) -> None:
