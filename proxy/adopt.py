@@ -25,8 +25,9 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
@@ -71,11 +72,27 @@ class Serving:
     channel: socket.socket | None  # the takeover socket to serve now (None: later, or bind)
 
 
+WORKER_CHANNEL = "__worker__"  # LISTENERS keys of a supervisor's worker channels: kept aside
+
+
+@dataclass
+class Options:
+    """How a generation with workers takes over (the defaults: a single process)."""
+
+    path: Path | None = None  # the channel to connect to (default: takeover_socket)
+    worker: bool = False  # a new worker: listeners come from the supervisor; it counts nothing
+    # Called between LISTENERS and READY with the sockets kept aside (WORKER_CHANNEL keys): a
+    # new supervisor starts its workers there; raising refuses the takeover (nothing changed).
+    before_ready: Callable[[dict[str, socket.socket]], Awaitable[None]] | None = None
+    kept: dict[str, socket.socket] = field(default_factory=dict)
+
+
 async def take_over(cfg: Config, server: Server, metrics: Metrics,
                     on_serving: Callable[[Serving], None],
                     on_channel: Callable[[socket.socket], None],
                     on_abort: Callable[[str], None],
-                    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+                    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+                    opts: Options | None = None) -> None:
     """Take over from the generation serving on the channel.
 
     `task_status.started(generation)` once the listeners are open (a failure before raises
@@ -83,13 +100,14 @@ async def take_over(cfg: Config, server: Server, metrics: Metrics,
     socket becomes ours to serve (if not already given to `on_serving`), and `on_abort(reason)`
     when we give up before serving (the caller exits 1). Cancelling it (a graceful stop) ABORTs.
     """
+    opts = opts or Options()
     await fault_point("new", "start")
     try:
-        sock = connect_channel(cfg.proxy.takeover_socket)
+        sock = connect_channel(opts.path or cfg.proxy.takeover_socket)
     except ChannelError as exc:
         raise TakeoverRefused(str(exc)) from exc
     ch = Channel(sock, Session(Role.NEW), cfg.proxy.upgrade_timeout)
-    t = _Takeover(cfg, server, metrics, ch, on_serving, on_channel, on_abort)
+    t = _Takeover(cfg, server, metrics, ch, on_serving, on_channel, on_abort, opts)
     try:
         with gc_paused():
             await t.start(task_status)
@@ -102,8 +120,9 @@ class _Takeover:
     def __init__(self, cfg: Config, server: Server, metrics: Metrics, ch: Channel,
                  on_serving: Callable[[Serving], None],
                  on_channel: Callable[[socket.socket], None],
-                 on_abort: Callable[[str], None]) -> None:
+                 on_abort: Callable[[str], None], opts: Options) -> None:
         self.cfg, self.server, self.metrics, self.ch = cfg, server, metrics, ch
+        self.opts = opts
         self.on_serving, self.on_channel, self.on_abort = on_serving, on_channel, on_abort
         self.generation = 0
         self.old_pid = 0
@@ -136,11 +155,21 @@ class _Takeover:
                     for s in inherited.values():
                         s.close()
                     raise
-            self.channel_sock = inherited.pop(
-                listener_key(TAKEOVER_LISTENER, str(self.cfg.proxy.takeover_socket)), None)
+            for key in [k for k in inherited if k.startswith(WORKER_CHANNEL + "@")]:
+                self.opts.kept[key] = inherited.pop(key)
+            if self.opts.worker:
+                for s in inherited.values():  # ours came from the supervisor at spawn
+                    s.close()
+                inherited = {}
+            else:
+                self.channel_sock = inherited.pop(
+                    listener_key(TAKEOVER_LISTENER, str(self.cfg.proxy.takeover_socket)), None)
             await fault_point("new", "before_ready")
-            self.server.open_listeners(inherited)  # closes them all on failure
-        except (ChannelError, ProtocolError, OSError, trio.Cancelled) as exc:
+            if not self.opts.worker:
+                self.server.open_listeners(inherited)  # closes them all on failure
+            if self.opts.before_ready is not None:
+                await self.opts.before_ready(self.opts.kept)
+        except (ChannelError, ProtocolError, OSError, TakeoverRefused, trio.Cancelled) as exc:
             # Cancelled: a graceful stop before we got anywhere; nothing started, exit 1.
             reason = ("stopped while taking over" if isinstance(exc, trio.Cancelled)
                       else f"takeover failed before ready: {exc}")
@@ -148,6 +177,8 @@ class _Takeover:
                 await self.ch.abort(reason, serving=False)
             if self.channel_sock is not None:
                 self.channel_sock.close()
+            for s in self.opts.kept.values():
+                s.close()
             raise TakeoverRefused(reason) from None if isinstance(exc, trio.Cancelled) else exc
         task_status.started(self.generation)
 
@@ -182,7 +213,7 @@ class _Takeover:
                 log.warning("predecessor_session_ended", old_pid=self.old_pid, reason=reason)
                 self._give_channel()
                 return
-            if await pidfile.wait_gone(self.old_pid, OLD_EXIT_WAIT):
+            if not self.opts.worker and await pidfile.wait_gone(self.old_pid, OLD_EXIT_WAIT):
                 # Nobody else serves: what we hold is all there is. Serve it.
                 log.warning("takeover_old_lost", old_pid=self.old_pid, reason=reason)
                 self._become_serving(upgrade_pending=False)
@@ -239,10 +270,13 @@ class _Takeover:
     def _become_serving(self, upgrade_pending: bool) -> None:
         welcome = self.welcome
         assert welcome is not None
-        self.metrics.upgrades.labels("success").inc()
-        self.metrics.upgrade_duration.labels().observe(max(0.0, time.time() - welcome.signalled_at))
-        pidfile.record_attempt(self.cfg.proxy.pidfile, "success", started_at=welcome.started_at,
-                               old_pid=self.old_pid, new_pid=os.getpid())
+        if not self.opts.worker:  # (a worker's supervisor counts and records the upgrade)
+            self.metrics.upgrades.labels("success").inc()
+            self.metrics.upgrade_duration.labels().observe(
+                max(0.0, time.time() - welcome.signalled_at))
+            pidfile.record_attempt(self.cfg.proxy.pidfile, "success",
+                                   started_at=welcome.started_at, old_pid=self.old_pid,
+                                   new_pid=os.getpid())
         self.serving = True
         adopt_stderr()
         # Protocol 2: the old generation stopped serving the channel at RELEASED; protocol 1

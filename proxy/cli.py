@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "run":
             sp.add_argument("--takeover", action="store_true",
                             help="take over from the generation serving on takeover_socket")
+            sp.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
         if name == "upgrade":
             sp.add_argument("--timeout", type=float, default=None,
                             help="seconds to wait (default: upgrade_timeout + 5)")
@@ -62,13 +63,43 @@ def main(argv: list[str] | None = None) -> int:
 
     log.setup(cfg.proxy.log_level)
     _raise_nofile()
-    run_argv = ["run", "--config", str(cfg.path), "--takeover"]
     try:
-        return trio.run(generation.run, cfg, run_argv, args.takeover)
-    except generation.StartupError as exc:
-        log.error("startup_failed", reason=str(exc))
-        print(f"proxy: cannot start: {exc}", file=sys.stderr)
+        return _run(cfg, args)
+    except BaseException as exc:
+        cause = _startup_error(exc, generation.StartupError)
+        if cause is None:
+            raise
+        log.error("startup_failed", reason=str(cause))
+        print(f"proxy: cannot start: {cause}", file=sys.stderr)
         return 1
+
+
+def _startup_error(exc: BaseException, kind: type[Exception]) -> BaseException | None:
+    """The StartupError in `exc`, which arrives in an exception group when it was raised in
+    the generation's nursery; None when `exc` is anything else."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, kind) else None
+
+
+def _run(cfg: config.Config, args: argparse.Namespace) -> int:
+    from proxy import generation
+
+    run_argv = ["run", "--config", str(cfg.path), "--takeover"]
+    if args.worker is not None:  # started by a supervisor (supervisor.py), never by hand
+        from proxy.worker import WorkerSpec
+
+        try:
+            spec = WorkerSpec.from_env()
+        except (ValueError, KeyError, TypeError) as exc:
+            print(f"proxy: --worker: {exc}", file=sys.stderr)
+            return EXIT_INVALID
+        return trio.run(generation.run, cfg, run_argv, False, spec)
+    if cfg.proxy.workers > 1:
+        from proxy import supervisor
+
+        return trio.run(supervisor.run, cfg, run_argv, args.takeover)
+    return trio.run(generation.run, cfg, run_argv, args.takeover)
 
 
 def _raise_nofile() -> None:

@@ -8,6 +8,7 @@ timeout where the key says so.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ class ProxySection:
     drain_timeout: float = 30.0
     upgrade_timeout: float = 30.0
     log_level: str = "info"
+    workers: int = 1  # worker processes per generation ("auto" in the file: the CPU count)
+    worker_timeout: float = 10.0  # a worker that answers no heartbeat for this long is replaced
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,17 @@ def _count(key: str, v: object) -> int:
     return v
 
 
+MAX_WORKERS = 256
+
+
+def _workers(key: str, v: object) -> int:
+    if v == "auto":
+        return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_WORKERS:
+        raise ConfigError(key, f'expected an integer from 1 to {MAX_WORKERS}, or "auto"')
+    return v
+
+
 def _choice(options: tuple[str, ...]) -> Callable[[str, object], str]:
     def conv(key: str, v: object) -> str:
         s = _str(key, v)
@@ -312,6 +326,8 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         drain_timeout=t.get("drain_timeout", _seconds, d.drain_timeout),
         upgrade_timeout=t.get("upgrade_timeout", _positive_seconds, d.upgrade_timeout),
         log_level=t.get("log_level", _choice(LOG_LEVELS), d.log_level),
+        workers=t.get("workers", _workers, d.workers),
+        worker_timeout=t.get("worker_timeout", _positive_seconds, d.worker_timeout),
     )
     t.finish()
 
@@ -363,7 +379,8 @@ def load(path: str | Path) -> Config:
 def summary(cfg: Config) -> str:
     """The multi-line summary `proxy check` prints."""
     lines = [f"config {cfg.path}: valid",
-             f"  pidfile {cfg.proxy.pidfile}", f"  takeover_socket {cfg.proxy.takeover_socket}"]
+             f"  pidfile {cfg.proxy.pidfile}", f"  takeover_socket {cfg.proxy.takeover_socket}",
+             f"  workers {cfg.proxy.workers}"]
     if cfg.metrics:
         lines.append(f"  metrics http://{cfg.metrics.listen}/metrics")
     for lst in cfg.listeners:

@@ -10,20 +10,27 @@ then serves until a graceful stop or until it has handed everything to the next 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
+from collections.abc import Awaitable, Callable
 from functools import partial
+from pathlib import Path
 
 import trio
 
 from proxy import __version__, log, metrics_http, notify, pidfile
-from proxy.adopt import Serving, TakeoverRefused, take_over
-from proxy.channel import bind_channel
+from proxy.adopt import Options, Serving, TakeoverRefused, take_over
+from proxy.channel import Channel, bind_channel
 from proxy.config import Config
+from proxy.faults import fault_point
 from proxy.metrics import Metrics
 from proxy.server import Server
-from proxy.upgrade import Phase, Upgrader
+from proxy.upgrade import Hooks, Phase, SessionFailed, Upgrader
+from proxy.worker import GateClosed, WorkerLink, WorkerSpec
+from proxy.workerctl import Failed, Ready, Released, Report
+from proxy.workerctl import Serving as ServingMsg
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -34,10 +41,19 @@ class StartupError(Exception):
     """The generation could not start (its cause is in the message); the CLI exits 1."""
 
 
-async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
-    metrics = Metrics(generation=1, version=__version__)
+async def run(cfg: Config, argv: list[str], takeover: bool, spec: WorkerSpec | None = None
+              ) -> int:
+    """One generation (`spec` None), or one worker of a supervised generation (`worker.py`)."""
+    if spec is not None:
+        cfg = dataclasses.replace(cfg, metrics=None)  # the supervisor hosts /metrics
+        log.set_worker(spec.index)
+        log.set_generation(spec.generation)
+    metrics = Metrics(generation=spec.generation if spec else 1, version=__version__)
     server = Server(cfg, metrics)
-    server.metrics_handler = partial(metrics_http.serve_conn, metrics, server.working)
+    server.metrics_handler = partial(metrics_http.serve_conn, metrics.render_async, server.working)
+    link = (WorkerLink(socket.socket(fileno=spec.control_fd),
+                       lambda seq: Report(seq, metrics.snapshot(), metrics.active()))
+            if spec is not None else None)
     exit_now = trio.Event()
     code = EXIT_OK
     stop_requested = False
@@ -46,7 +62,19 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR2) as sigs:
         async with trio.open_nursery() as root:
             await root.start(server.host_handlers)
-            upgrader = Upgrader(cfg, server, metrics, argv, root.start_soon, exit_now)
+            hooks = None
+            if link is not None:
+                async def gate(ch: Channel) -> None:
+                    try:
+                        await link.gate(ch.sock, cfg.proxy.upgrade_timeout)
+                    except GateClosed as exc:
+                        raise SessionFailed(str(exc)) from None
+
+                async def released() -> None:
+                    await link.send(Released())
+
+                hooks = Hooks(worker=True, gate=gate, released=released)
+            upgrader = Upgrader(cfg, server, metrics, argv, root.start_soon, exit_now, hooks)
 
             def on_channel(sock: socket.socket) -> None:
                 root.start_soon(upgrader.serve_channel, sock)
@@ -55,6 +83,11 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
                 root.start_soon(server.accept_all)
                 if s.channel is not None:
                     on_channel(s.channel)
+                if spec is not None:
+                    notify.title(f"generation {s.generation} worker {spec.index} serving")
+                    upgrader.set_phase(Phase.SERVING, version=__version__)
+                    upgrader.became_serving(s.generation, False)
+                    return
                 pidfile.write(cfg.proxy.pidfile)
                 notify.title(f"generation {s.generation} serving")
                 upgrader.set_phase(Phase.SERVING, version=__version__)
@@ -83,17 +116,22 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
                 server.stop_accepting()  # a rollback may have restarted accepting
                 server.close_listeners()
                 server.close_idle()
-                if was_serving and pidfile.read(cfg.proxy.pidfile) in (None, os.getpid()):
+                if (spec is None and was_serving
+                        and pidfile.read(cfg.proxy.pidfile) in (None, os.getpid())):
                     cfg.proxy.takeover_socket.unlink(missing_ok=True)
                 drained = await server.drain(cfg.proxy.drain_timeout)
                 log.info("stopped", drained=drained, left=len(server.conns))
-                pidfile.remove_if_mine(cfg.proxy.pidfile)
+                if spec is None:
+                    pidfile.remove_if_mine(cfg.proxy.pidfile)
                 exit_now.set()
 
             async def signals() -> None:
                 nonlocal stop_requested
                 async for sig in sigs:
-                    if sig == signal.SIGUSR2:
+                    if sig == signal.SIGUSR2 and spec is not None:
+                        log.warning("upgrade_ignored",
+                                    reason="a worker: send SIGUSR2 to the pid in the pidfile")
+                    elif sig == signal.SIGUSR2:
                         upgrader.request_upgrade()
                     elif stop_requested:
                         if sig == signal.SIGINT:
@@ -112,15 +150,34 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
                         log.info("stop_requested", signal=signal.Signals(sig).name)
                         root.start_soon(stop, False)
 
+            stale: list[Path] = []
+
+            async def from_workers(kept: dict[str, socket.socket]) -> None:
+                """The serving generation has workers: take each one's connections over its
+                own session, as a new worker would (they all arrive here)."""
+                paths = sorted(key.split("@", 1)[1] for key in kept)
+                for s in kept.values():
+                    s.close()
+                for path in paths:
+                    await root.start(_peer_session, cfg, server, metrics, path,
+                                     lambda s: None, lambda reason: None)
+                stale.extend(Path(p) for p in paths)
+
             async def taking_over(task_status: trio.TaskStatus[int]) -> None:
                 with takeover_scope:
                     await take_over(cfg, server, metrics, on_serving, on_channel, on_abort,
-                                    task_status=task_status)
+                                    task_status=task_status,
+                                    opts=Options(before_ready=from_workers))
+                for path in stale:  # channels of workers that no longer exist
+                    path.unlink(missing_ok=True)
 
             root.start_soon(signals)
             root.start_soon(server.sweep_idle)
             try:
-                if takeover:
+                if spec is not None and link is not None:
+                    await _worker_start(cfg, spec, link, server, metrics, root, on_serving,
+                                        on_abort, stop)
+                elif takeover:
                     notify.title("generation ? taking over")
                     await root.start(taking_over)
                 else:
@@ -133,3 +190,80 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
             root.cancel_scope.cancel()
     log.info("exit", code=code)
     return code
+
+
+async def _worker_start(cfg: Config, spec: WorkerSpec, link: WorkerLink, server: Server,
+                        metrics: Metrics, root: trio.Nursery,
+                        on_serving: Callable[[Serving], None], on_abort: Callable[[str], None],
+                        stop: Callable[[bool], Awaitable[None]]) -> None:
+    """A worker: open what the supervisor gave us, take connections from our peers (old
+    workers), say READY, and serve at SERVE. Raises StartupError before READY."""
+    root.start_soon(link.run)
+    server.open_listeners(spec.take_listeners())
+    server.loads = spec.take_loads()
+    channel = spec.take_channel()
+    served = False
+    settled = 0  # peer sessions that released us or ended
+    all_settled = trio.Event()
+
+    def settle() -> None:
+        nonlocal settled
+        settled += 1
+        if settled >= len(spec.peers):
+            all_settled.set()
+
+    def peer_released(s: Serving) -> None:
+        settle()
+
+    def peer_failed(reason: str) -> None:
+        if not served:  # before SERVE the generation rolls back: say why, and go
+            root.start_soon(link.send, Failed(reason))
+            on_abort(reason)
+            return
+        log.warning("peer_session_failed", reason=reason)
+        settle()
+
+    try:
+        await fault_point(f"worker{spec.index}", "start")
+        for path in spec.peers:
+            await root.start(_peer_session, cfg, server, metrics, path, peer_released,
+                             peer_failed)
+    except (OSError, TakeoverRefused) as exc:
+        await link.send(Failed(str(exc)))
+        raise StartupError(str(exc)) from exc
+    if not spec.peers:
+        all_settled.set()
+    await link.send(Ready())
+    async with trio.open_nursery() as wait:
+        async def gone() -> None:
+            await link.gone.wait()
+            wait.cancel_scope.cancel()
+
+        wait.start_soon(gone)
+        await link.serve.wait()
+        wait.cancel_scope.cancel()
+    if not link.serve.is_set():
+        raise StartupError("the supervisor hung up before SERVE")
+    served = True
+    on_serving(Serving(spec.generation, False, channel))
+
+    async def report_serving() -> None:
+        with trio.move_on_after(cfg.proxy.upgrade_timeout):
+            await all_settled.wait()
+        await link.send(ServingMsg())
+        await link.gone.wait()  # the supervisor died: stop as if it had said so
+        log.warning("supervisor_lost")
+        await stop(False)
+
+    root.start_soon(report_serving)
+
+
+async def _peer_session(cfg: Config, server: Server, metrics: Metrics, path: str,
+                        on_released: Callable[[Serving], None], on_failed: Callable[[str], None],
+                        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Take the connections of one old worker (its channel at `path`) into `server`. Started
+    once the session said READY; `on_released` at its RELEASED, `on_failed` if it breaks
+    before."""
+    log.info("peer_session", path=path)
+    await take_over(cfg, server, metrics, on_released, lambda s: s.close(), on_failed,
+                    task_status=task_status, opts=Options(path=Path(path), worker=True))

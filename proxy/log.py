@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-_state = {"generation": 1}
+_state = {"generation": 1, "worker": -1}  # worker -1: not a worker process (no field)
 _logger = logging.getLogger("proxy")
 
 
@@ -33,6 +33,8 @@ class _Formatter(logging.Formatter):
         fields: dict[str, Any] = getattr(record, "fields", {})
         parts = [ts, f"level={record.levelname.lower()}", f"event={record.getMessage()}",
                  f"gen={_state['generation']}", f"pid={os.getpid()}"]
+        if _state["worker"] >= 0:
+            parts.append(f"worker={_state['worker']}")
         parts.extend(f"{k}={_quote(v)}" for k, v in fields.items())
         return " ".join(parts)
 
@@ -50,6 +52,11 @@ def setup(level: str = "info", generation: int = 1) -> None:
 
 def set_generation(generation: int) -> None:
     _state["generation"] = generation
+
+
+def set_worker(index: int) -> None:
+    """Every line from here on carries `worker=K` (after pid)."""
+    _state["worker"] = index
 
 
 def _log(level: int, event: str, fields: dict[str, Any]) -> None:

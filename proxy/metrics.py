@@ -135,7 +135,18 @@ class Metrics(Collector):
         self.phase = f("gauge", "proxy_lifecycle_phase",
                        "1 for this generation's current lifecycle phase, 0 for the others.",
                        ["phase"])
+        self.workers = f("gauge", "proxy_workers", "Worker processes this generation serves with.")
+        # Only a supervisor (workers > 1) counts these; a family without children stays out of
+        # snapshots, so a release that does not know them still restores ours.
+        self.worker_connections = f("gauge", "proxy_worker_connections_active",
+                                    "Client connections open now, by worker.", ["worker"])
+        self.worker_restarts = f("counter", "proxy_worker_restarts_total",
+                                 "Workers replaced by their generation, by reason.", ["reason"])
+        self.worker_lost_connections = f(
+            "counter", "proxy_worker_lost_connections_total",
+            "Connections a worker held when it died (they died with it).")
         self.generation.labels().set(generation)
+        self.workers.labels().set(1)
         self.build_info.labels(version).set(1)
         for result in ("success", "failed"):
             self.upgrades.labels(result)
@@ -162,18 +173,31 @@ class Metrics(Collector):
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    async def render_async(self) -> bytes:
+        return self.render()
+
     # ---- continuity across generations ------------------------------------------------------
 
     def snapshot(self) -> dict[str, list[Any]]:
         """Counters and histograms as {name: [[labels, value-or-[counts, sum]], ...]}."""
         out: dict[str, list[Any]] = {}
         for fam in self.families:
+            if not fam.children:
+                continue
             if fam.kind == "counter":
                 out[fam.name] = [[list(lv), c.value] for lv, c in fam.children.items()]
             elif fam.kind == "histogram":
                 out[fam.name] = [[list(lv), [list(h.counts), h.sum]]
                                  for lv, h in fam.children.items()]
         return out
+
+    def active(self) -> dict[str, float]:
+        """`proxy_connections_active` by listener: what a worker reports to its supervisor."""
+        return {lv[0]: c.value for lv, c in self.connections_active.children.items()}
+
+    def add_active(self, active: dict[str, float]) -> None:
+        for listener, n in active.items():
+            self.connections_active.labels(listener).inc(n)
 
     def restore(self, snap: object) -> None:
         """Add a peer's snapshot to our values. Raises ValueError on anything malformed,

@@ -12,13 +12,13 @@ listening socket, which the next generation holds.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 
 import trio
 
 from proxy.h11impl import h11
-from proxy.metrics import CONTENT_TYPE, Metrics
+from proxy.metrics import CONTENT_TYPE
 
 MAX_REQUEST = 16384
 REQUEST_TIMEOUT = 10.0
@@ -26,9 +26,10 @@ MAX_REQUESTS_PER_CONN = 100
 
 
 Busy = Callable[[], AbstractContextManager[None]]
+Render = Callable[[], Awaitable[bytes]]  # the exposition (a supervisor first asks its workers)
 
 
-async def serve_conn(metrics: Metrics, busy: Busy, sock: socket.socket) -> None:
+async def serve_conn(render: Render, busy: Busy, sock: socket.socket) -> None:
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
     try:
@@ -37,18 +38,18 @@ async def serve_conn(metrics: Metrics, busy: Busy, sock: socket.socket) -> None:
             # accept to answer (else an old generation could exit between the two and reset
             # it). Later requests on a kept-alive connection hold it only while answered.
             with busy():
-                more = await _one(metrics, busy, stream, conn)
+                more = await _one(render, busy, stream, conn)
             for _ in range(MAX_REQUESTS_PER_CONN - 1):
                 if not more:
                     break
-                more = await _one(metrics, busy, stream, conn)
+                more = await _one(render, busy, stream, conn)
     except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, OSError):
         pass
     finally:
         await stream.aclose()
 
 
-async def _one(metrics: Metrics, busy: Busy, stream: trio.SocketStream,
+async def _one(render: Render, busy: Busy, stream: trio.SocketStream,
                conn: h11.Connection) -> bool:
     """Serve one request; False when the connection is to be closed."""
     with trio.move_on_after(REQUEST_TIMEOUT):
@@ -75,7 +76,7 @@ async def _one(metrics: Metrics, busy: Busy, stream: trio.SocketStream,
         elif path != b"/metrics":
             await _send(stream, conn, 404, b"not found: try /metrics\n")
         else:
-            body = metrics.render()
+            body = await render()
             await _send(stream, conn, 200, body, CONTENT_TYPE, head=event.method == b"HEAD")
     if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
         return False

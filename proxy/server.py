@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 
 import trio
 
-from proxy import linger, log, sockopts, upstream
+from proxy import linger, loads, log, sockopts, upstream
 from proxy.config import Address, Config, Listener
 from proxy.forward import Relay
 from proxy.h11impl import h11
 from proxy.http import Hold, HttpClient, HttpSide, Pool, UpConn
+from proxy.loads import Loads
 from proxy.metrics import Metrics
 from proxy.movable import PairSnapshot, State
 from proxy.takeover import ConnRecord
@@ -102,6 +103,8 @@ class Server:
         self.handlers: trio.Nursery | None = None
         self.accept_scope = trio.CancelScope()
         self.accepting = False
+        self.accept_traffic = True  # False in a supervisor: its workers accept, it hosts /metrics
+        self.loads: Loads | None = None  # a worker: the generation's shared load table
         self.changed = trio.lowlevel.ParkingLot()  # woken when a conn ends or becomes movable
         self._ids = itertools.count(1)
         self._exported: dict[int, Conn] = {}  # paused and sent, not acknowledged: still ours
@@ -182,7 +185,7 @@ class Server:
         try:
             with scope:
                 async with trio.open_nursery() as nursery:
-                    for lr in self.listeners.values():
+                    for lr in self.listeners.values() if self.accept_traffic else ():
                         nursery.start_soon(self._accept_loop, lr.sock, lr)
                     if self.metrics_sock is not None:
                         nursery.start_soon(self._accept_loop, self.metrics_sock, None)
@@ -197,6 +200,8 @@ class Server:
     async def _accept_loop(self, lsock: socket.socket, lr: ListenerRuntime | None) -> None:
         backoff = 0.01
         while True:
+            if lr is not None and self.loads is not None and self.loads.ahead(len(self.conns)):
+                await trio.sleep(loads.DELAY)  # another worker holds fewer: let it go first
             if lr is not None and lr.http is None and lr.active >= lr.cfg.max_connections:
                 log.warning("max_connections", listener=lr.cfg.name, active=lr.active)
                 lr.capacity = trio.Event()
@@ -258,6 +263,8 @@ class Server:
         if conn.lr is not None:
             conn.lr.active += 1
         self.metrics.connections_active.labels(conn.listener).inc()
+        if self.loads is not None:
+            self.loads.set(len(self.conns))
 
     def forget(self, conn: Conn) -> None:
         """Remove a conn this generation no longer holds (closed, or acknowledged by the next)."""
@@ -270,6 +277,8 @@ class Server:
         if conn.server is not None:
             conn.server.active -= 1
         self.metrics.connections_active.labels(conn.listener).dec()
+        if self.loads is not None:
+            self.loads.set(len(self.conns))
         self.changed.unpark_all()
 
     async def _busy(self, work: Awaitable[None]) -> None:

@@ -32,7 +32,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -133,11 +133,25 @@ class Attempt:
             self.session_scope.cancel()
 
 
+@dataclass
+class Hooks:
+    """What a generation with workers adds to a session (`supervisor.py`, `worker.py`); the
+    defaults are a single-process generation's."""
+
+    worker: bool = False  # an old worker: the supervisor counts, records and decides
+    gate: Callable[[Channel], Awaitable[None]] | None = None  # after READY: may we release?
+    released: Callable[[], Awaitable[None]] | None = None  # RELEASED went out
+    rolled_back: Callable[[str], None] | None = None  # an attempt ended without RELEASED
+    extra_sockets: Callable[[], dict[str, socket.socket]] | None = None  # sent with LISTENERS
+
+
 class Upgrader:
     """The serving generation's half of the hot upgrade. See the module docstring."""
 
     def __init__(self, cfg: Config, server: Server, metrics: Metrics, argv: list[str],
-                 spawn: Callable[..., Any], exit_now: trio.Event) -> None:
+                 spawn: Callable[..., Any], exit_now: trio.Event,
+                 hooks: Hooks | None = None) -> None:
+        self.hooks = hooks or Hooks()
         self.cfg = cfg
         self.server = server
         self.metrics = metrics
@@ -312,11 +326,16 @@ class Upgrader:
                 os.kill(proc.pid, signal.SIGKILL)
             log.info("upgrade_child_killed", child_pid=proc.pid)
         reason = str(attempt.error or "the takeover session ended early")
-        self.metrics.upgrades.labels("failed").inc()
-        tail = " | ".join(list(self._child_tail)[-5:])
-        log.error("upgrade_failed", reason=reason, child_stderr_tail=tail)
-        pidfile.record_attempt(self.cfg.proxy.pidfile, "failed", reason,
-                               started_at=attempt.started_at)
+        if self.hooks.rolled_back is not None:
+            self.hooks.rolled_back(reason)
+        if self.hooks.worker:
+            log.warning("worker_handover_aborted", reason=reason)
+        else:
+            self.metrics.upgrades.labels("failed").inc()
+            tail = " | ".join(list(self._child_tail)[-5:])
+            log.error("upgrade_failed", reason=reason, child_stderr_tail=tail)
+            pidfile.record_attempt(self.cfg.proxy.pidfile, "failed", reason,
+                                   started_at=attempt.started_at)
         if not self.stopping:
             self.serving = True
             self.spawn(self.server.accept_all)  # a no-op if we never stopped
@@ -404,7 +423,7 @@ class Upgrader:
             self._killed.add(peer_pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(peer_pid, signal.SIGKILL)
-        if gone or quits:
+        if (gone or quits) and not self.hooks.worker:
             # The generation we released to is gone: nobody serves; we do again. The upgrade
             # did not stick: count and record it as failed.
             reason = f"the new generation (pid {peer_pid}) died after it took over: {attempt.cause}"
@@ -448,6 +467,8 @@ class Upgrader:
         if self.channel_sock is not None:
             socks[listener_key(TAKEOVER_LISTENER, str(self.cfg.proxy.takeover_socket))] = (
                 self.channel_sock)
+        if self.hooks.extra_sockets is not None:
+            socks.update(self.hooks.extra_sockets())
         keys = list(socks)
         await ch.send(Listeners(tuple(keys)), [socks[k].fileno() for k in keys])
         self.set_phase(Phase.WAIT_READY)
@@ -455,6 +476,8 @@ class Upgrader:
         if not isinstance(event, Ready):
             raise SessionFailed(f"expected READY, got {type(event).__name__}")
         await fault_point("old", "after_ready")
+        if self.hooks.gate is not None:
+            await self.hooks.gate(ch)  # raises UpgradeError: this attempt rolls back
         # The new generation holds every listener; one of us accepts at a time. Connections
         # that arrive between these two lines wait in the backlog we share.
         srv.stop_accepting()
@@ -472,6 +495,8 @@ class Upgrader:
         attempt.decided.set()
         self.successor_pid = peer_pid  # (the kernel's word, SO_PEERCRED, not the peer's)
         self.stop_channel()  # the successor serves the channel from now on
+        if self.hooks.released is not None:
+            await self.hooks.released()
         self.set_phase(Phase.RELEASED, successor_pid=peer_pid, connections=len(srv.conns))
         self.attempt = None
         attempt.finished.set()
