@@ -21,14 +21,15 @@ from pathlib import Path
 import trio
 
 from proxy import __version__, log, metrics_http, notify, pidfile
-from proxy.adopt import Options, Serving, TakeoverRefused, take_over
+from proxy.adopt import WORKER_CHANNEL, Options, Serving, TakeoverRefused, take_over
 from proxy.channel import Channel, bind_channel
 from proxy.config import Config
 from proxy.faults import fault_point
+from proxy.localworker import LocalGate
 from proxy.metrics import Metrics
 from proxy.server import Server
 from proxy.upgrade import Hooks, Phase, SessionFailed, Upgrader
-from proxy.worker import GateClosed, WorkerLink, WorkerSpec
+from proxy.worker import GateClosed, WorkerLink, WorkerSpec, channel_path
 from proxy.workerctl import Failed, Ready, Released, Report
 from proxy.workerctl import Serving as ServingMsg
 
@@ -74,6 +75,19 @@ async def run(cfg: Config, argv: list[str], takeover: bool, spec: WorkerSpec | N
                     await link.send(Released())
 
                 hooks = Hooks(worker=True, gate=gate, released=released)
+            # A single process is also its own worker 0 (localworker.py): a second Upgrader
+            # serves <takeover_socket>.w0, where a protocol-4 successor takes our connections.
+            local = LocalGate(cfg.proxy.upgrade_timeout)
+            w0_path = channel_path(cfg.proxy.takeover_socket, 0)
+            w0: list[socket.socket] = []  # its listening socket, once we have it
+            w0_exit = trio.Event()  # that Upgrader handed over everything (or gave up)
+            w0_upgrader = Upgrader(cfg, server, metrics, argv, root.start_soon, w0_exit, Hooks(
+                worker=True, gate=local.worker_gate, released=local.worker_released,
+                local_worker=True))
+            if spec is None:
+                hooks = Hooks(gate=local.generation_gate, rolled_back=local.rolled_back,
+                              extra_sockets=lambda: {f"{WORKER_CHANNEL}@{w0_path}": w0[0]},
+                              via_workers=w0_exit.wait)
             upgrader = Upgrader(cfg, server, metrics, argv, root.start_soon, exit_now, hooks)
 
             def on_channel(sock: socket.socket) -> None:
@@ -90,6 +104,11 @@ async def run(cfg: Config, argv: list[str], takeover: bool, spec: WorkerSpec | N
                     return
                 pidfile.write(cfg.proxy.pidfile)
                 notify.title(f"generation {s.generation} serving")
+                if not w0:  # (taken over from a generation without one)
+                    w0_path.unlink(missing_ok=True)
+                    w0.append(bind_channel(w0_path))
+                w0_upgrader.became_serving(s.generation, False)
+                root.start_soon(w0_upgrader.serve_channel, w0[0])
                 upgrader.set_phase(Phase.SERVING, version=__version__)
                 upgrader.became_serving(s.generation, s.upgrade_pending)
                 # Last: whoever waits for READY (systemd) finds everything above done.
@@ -113,12 +132,14 @@ async def run(cfg: Config, argv: list[str], takeover: bool, spec: WorkerSpec | N
                 server.stop_accepting()
                 takeover_scope.cancel()  # a takeover in progress ABORTs (before or after RELEASED)
                 await upgrader.stop()
+                await w0_upgrader.stop()
                 server.stop_accepting()  # a rollback may have restarted accepting
                 server.close_listeners()
                 server.close_idle()
                 if (spec is None and was_serving
                         and pidfile.read(cfg.proxy.pidfile) in (None, os.getpid())):
                     cfg.proxy.takeover_socket.unlink(missing_ok=True)
+                    w0_path.unlink(missing_ok=True)
                 drained = await server.drain(cfg.proxy.drain_timeout)
                 log.info("stopped", drained=drained, left=len(server.conns))
                 if spec is None:
@@ -156,12 +177,15 @@ async def run(cfg: Config, argv: list[str], takeover: bool, spec: WorkerSpec | N
                 """The serving generation has workers: take each one's connections over its
                 own session, as a new worker would (they all arrive here)."""
                 paths = sorted(key.split("@", 1)[1] for key in kept)
-                for s in kept.values():
-                    s.close()
+                for key, s in kept.items():
+                    if key == f"{WORKER_CHANNEL}@{w0_path}":
+                        w0.append(s)  # ours to serve from now on (the same path)
+                    else:
+                        s.close()
                 for path in paths:
                     await root.start(_peer_session, cfg, server, metrics, path,
                                      lambda s: None, lambda reason: None)
-                stale.extend(Path(p) for p in paths)
+                stale.extend(Path(p) for p in paths if Path(p) != w0_path)
 
             async def taking_over(task_status: trio.TaskStatus[int]) -> None:
                 with takeover_scope:
@@ -182,6 +206,8 @@ async def run(cfg: Config, argv: list[str], takeover: bool, spec: WorkerSpec | N
                     await root.start(taking_over)
                 else:
                     chan = bind_channel(cfg.proxy.takeover_socket)
+                    w0_path.unlink(missing_ok=True)  # (no generation serves: chan says so)
+                    w0.append(bind_channel(w0_path))
                     server.open_listeners({})
                     on_serving(Serving(1, False, chan))
             except (OSError, TakeoverRefused) as exc:

@@ -105,6 +105,13 @@ def _le(b: float) -> str:
     return "+Inf" if b == math.inf else repr(float(b))
 
 
+# What a generation counts as a whole rather than per connection: with workers, the supervisor's
+# (see Upgrader._snapshot for the single process that is its own worker).
+GENERATION_FAMILIES = frozenset({
+    "proxy_upgrades_total", "proxy_upgrade_duration_seconds", "proxy_worker_restarts_total",
+    "proxy_worker_lost_connections_total"})
+
+
 class Metrics(Collector):
     """The generation's metrics. Attribute names mirror the contract's metric names."""
 
@@ -178,11 +185,13 @@ class Metrics(Collector):
 
     # ---- continuity across generations ------------------------------------------------------
 
-    def snapshot(self) -> dict[str, list[Any]]:
-        """Counters and histograms as {name: [[labels, value-or-[counts, sum]], ...]}."""
+    def snapshot(self, families: frozenset[str] | None = None, exclude: bool = False
+                 ) -> dict[str, list[Any]]:
+        """Counters and histograms as {name: [[labels, value-or-[counts, sum]], ...]}; only
+        those named in `families` (or, with `exclude`, all but those)."""
         out: dict[str, list[Any]] = {}
         for fam in self.families:
-            if not fam.children:
+            if not fam.children or (families is not None and (fam.name in families) == exclude):
                 continue
             if fam.kind == "counter":
                 out[fam.name] = [[list(lv), c.value] for lv, c in fam.children.items()]

@@ -511,8 +511,8 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
                 """Between LISTENERS and READY: our workers, each with its old peers."""
                 if not kept:
                     raise TakeoverRefused(
-                        "the serving generation runs without workers (workers = 1): it "
-                        "cannot hand its connections to workers; restart to change that")
+                        "the serving generation announces no worker channel (a release before "
+                        "workers): upgrade it to this release with workers = 1 first")
                 # (take_over has read WELCOME: the gauge holds our generation's number)
                 pool.generation = int(metrics.generation.labels().value)
                 try:

@@ -36,8 +36,10 @@ handover is the nearest production anchor: Request -> Item -> Prepared -> Commit
 Versions: protocol 1 is the previous release's (no `protocols` in HELLO, no `protocol` in
 WELCOME; CONNS may also come between READY and RELEASED). Protocol 2 moves connections only after
 RELEASED. Protocol 3 adds the record mode "http_exchange": an http connection paused mid-request
-(see the end of this module). This release speaks 1 to 3, so it can take over from the previous
-release and hand over to the next one.
+(see the end of this module). Protocol 4: the generation session carries no connections; they
+move worker to worker over the channels LISTENERS announces (`__worker__@<path>` keys;
+supervisor.py, localworker.py). This release speaks 1 to 4, so it can take over from the
+previous release and hand over to the next one.
 
 Message fields (JSON head; `body` holds the pending bytes the records point into):
     HELLO     {pid, version: release string, protocols: [lo, hi]}
@@ -79,10 +81,11 @@ from proxy.movable import DirectionSnapshot, ExchangeState, PairSnapshot
 
 __all__ = ["MAX_FDS", "LocalProtocolError", "OwnedFds", "ProtocolError"]
 
-PROTOCOLS = (1, 3)  # the protocol versions this release speaks (lo, hi)
+PROTOCOLS = (1, 4)  # the protocol versions this release speaks (lo, hi)
 ACK_WINDOW = 4  # CONNS batches the old side may send ahead of their ACK
 FDS_PER_MODE = {"tcp": 2, "tunnel": 2, "http": 1, "http_exchange": 2}  # client [, upstream]
 EXCHANGE_SINCE = 3  # the protocol version that moves http exchanges mid-body
+WORKERS_SINCE = 4  # connections move over the worker channels in LISTENERS (localworker.py)
 MAX_REASON = 500
 
 

@@ -45,12 +45,13 @@ from proxy.child import STDERR_TAIL_LINES, pump_stderr, spawn_child
 from proxy.config import Config
 from proxy.faults import fault_point
 from proxy.gcpause import gc_paused
-from proxy.metrics import Metrics, delta
+from proxy.metrics import GENERATION_FAMILIES, Metrics, delta
 from proxy.server import TAKEOVER_LISTENER, Server, listener_key
 from proxy.takeover import (
     EXCHANGE_SINCE,
     MAX_FDS,
     PROTOCOLS,
+    WORKERS_SINCE,
     Ack,
     Conns,
     Done,
@@ -143,6 +144,10 @@ class Hooks:
     released: Callable[[], Awaitable[None]] | None = None  # RELEASED went out
     rolled_back: Callable[[str], None] | None = None  # an attempt ended without RELEASED
     extra_sockets: Callable[[], dict[str, socket.socket]] | None = None  # sent with LISTENERS
+    # Protocol 4 with a single process (localworker.py): after RELEASED the connections go
+    # over the worker channel's session; this waits until that session ended.
+    via_workers: Callable[[], Awaitable[None]] | None = None
+    local_worker: bool = False  # that worker channel's Upgrader: quiet phases, traffic metrics
 
 
 class Upgrader:
@@ -175,8 +180,20 @@ class Upgrader:
 
     def set_phase(self, phase: Phase, **fields: Any) -> None:
         self.phase = phase
+        if self.hooks.local_worker:  # the generation's phase is the other Upgrader's
+            log.info("worker_channel_phase", phase=phase.value, **fields)
+            return
         self.metrics.set_phase(phase.value)
         log.info("phase", phase=phase.value, **fields)
+
+    def _snapshot(self, via_workers: bool) -> dict[str, list[Any]]:
+        """What RELEASED and DONE carry: everything, or (protocol 4, one process) only the
+        generation's families here and only the traffic on the worker channel's session."""
+        if via_workers:
+            return self.metrics.snapshot(GENERATION_FAMILIES)
+        if self.hooks.local_worker:
+            return self.metrics.snapshot(GENERATION_FAMILIES, exclude=True)
+        return self.metrics.snapshot()
 
     def became_serving(self, generation: int, upgrade_pending: bool) -> None:
         self.generation = generation
@@ -483,10 +500,11 @@ class Upgrader:
         srv.stop_accepting()
         self.serving = False
         carry = self.pending and version >= 2  # protocol 1 cannot say it: we forward instead
+        via_workers = self.hooks.via_workers is not None and version >= WORKERS_SINCE
         # One snapshot is both what RELEASED carries and the base of DONE's delta, so every
         # count lands in exactly one of them (a second one taken after the send would drop what
         # was counted while the send yielded).
-        base = self.metrics.snapshot()
+        base = self._snapshot(via_workers)
         await ch.send(Released(base, upgrade_pending=carry))
         if carry:  # (only once it went out: a failed send rolls back with it still queued)
             self.pending = False
@@ -504,25 +522,30 @@ class Upgrader:
             self.pending = False
             self.request_upgrade()
         await fault_point("old", "after_released")
-        srv.hold.hold()  # idle http clients stop taking requests: they move next
-        t0 = trio.current_time()
-        with gc_paused():  # only while batches flow, not while we wait for a slow request
-            moved = await self._send_movable(ch)
-        log.info("handed_over", moved=moved,
-                 handover_ms=round((trio.current_time() - t0) * 1000, 1))
+        moved = 0
+        if via_workers and self.hooks.via_workers is not None:
+            await self.hooks.via_workers()
+        else:
+            srv.hold.hold()  # idle http clients stop taking requests: they move next
+            t0 = trio.current_time()
+            with gc_paused():  # only while batches flow, not while we wait for a slow request
+                moved = await self._send_movable(ch)
+            log.info("handed_over", moved=moved,
+                     handover_ms=round((trio.current_time() - t0) * 1000, 1))
         # What could not move yet (a connect in progress, a request half-served) finishes
         # here and moves as soon as it can, up to drain_timeout.
         with trio.move_on_after(self.cfg.proxy.drain_timeout) as drain:
             while not srv.holds_nothing():
-                with gc_paused():
-                    moved += await self._send_movable(ch)
+                if not via_workers:
+                    with gc_paused():
+                        moved += await self._send_movable(ch)
                 if not srv.holds_nothing():
                     await srv.wait_changed()
         if drain.cancelled_caught:
             log.warning("drain_timeout", left=len(srv.conns), busy=srv.busy)
             srv.stop_handlers()
         await fault_point("old", "before_done")
-        await ch.send(Done(delta(self.metrics.snapshot(), base)))
+        await ch.send(Done(delta(self._snapshot(via_workers), base)))
         self.set_phase(Phase.DONE, moved=moved)
         # Wait for the new generation to hang up, so its last lines through our pipe are out.
         with trio.move_on_after(CLOSE_WAIT), contextlib.suppress(ChannelError):
