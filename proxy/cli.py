@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="self-contained live demo of hot upgrades")
     demo.add_argument("--upgrades", type=int, default=3)
     demo.add_argument("--streams", type=int, default=4)
+    demo.add_argument("--workers", type=int, default=1, help="worker processes (1)")
     return p
 
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from proxy import demo
 
-        return demo.main(upgrades=args.upgrades, streams=args.streams)
+        return demo.main(upgrades=args.upgrades, streams=args.streams, workers=args.workers)
     try:
         cfg = config.load(args.config)
     except config.ConfigError as exc:

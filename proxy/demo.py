@@ -86,7 +86,7 @@ def _wait_line(log: Path, needle: str, timeout: float) -> str:
     raise TimeoutError(f"the proxy did not log {needle!r} within {timeout}s (log: {log})")
 
 
-async def _demo(upgrades: int, streams: int, workdir: Path) -> int:
+async def _demo(upgrades: int, streams: int, workdir: Path, workers: int = 1) -> int:
     log = workdir / "proxy.log"
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, echo_handler, 0, host="127.0.0.1"))
@@ -94,7 +94,7 @@ async def _demo(upgrades: int, streams: int, workdir: Path) -> int:
         cfg = workdir / "config.toml"
         cfg.write_text(
             "[proxy]\npidfile = \"proxy.pid\"\ntakeover_socket = \"proxy.takeover\"\n"
-            "drain_timeout = 10.0\nupgrade_timeout = 20.0\n\n"
+            f"drain_timeout = 10.0\nupgrade_timeout = 20.0\nworkers = {workers}\n\n"
             "[[listener]]\nname = \"demo\"\nlisten = \"127.0.0.1:0\"\nupstream = \"echo\"\n\n"
             f"[upstream.echo]\nservers = [\"127.0.0.1:{backend_port}\"]\n")
         with open(log, "ab") as logf:
@@ -106,7 +106,8 @@ async def _demo(upgrades: int, streams: int, workdir: Path) -> int:
             port = int(line.split("addr=")[1].split()[0].rsplit(":", 1)[1])
             pf = workdir / "proxy.pid"
             serving = [pidfile.read(pf) or proc.pid]
-            print(f"proxy pid {serving[0]} (generation 1) on 127.0.0.1:{port}, "
+            how = f", {workers} workers" if workers > 1 else ""
+            print(f"proxy pid {serving[0]} (generation 1{how}) on 127.0.0.1:{port}, "
                   f"echo backend on :{backend_port}; log: {log}")
             stop = trio.Event()
             ss = [Stream(i + 1) for i in range(streams)]
@@ -152,10 +153,10 @@ async def _demo(upgrades: int, streams: int, workdir: Path) -> int:
 
 
 
-def main(upgrades: int = 3, streams: int = 4) -> int:
+def main(upgrades: int = 3, streams: int = 4, workers: int = 1) -> int:
     with tempfile.TemporaryDirectory(prefix="proxy-demo-") as d:
         try:
-            return trio.run(_demo, upgrades, streams, Path(d))
+            return trio.run(_demo, upgrades, streams, Path(d), workers)
         except (TimeoutError, trio.TooSlowError) as exc:
             print(f"demo failed: {exc}", file=sys.stderr)
             return 1

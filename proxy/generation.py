@@ -53,7 +53,8 @@ async def run(cfg: Config, argv: list[str], takeover: bool, spec: WorkerSpec | N
     server = Server(cfg, metrics)
     server.metrics_handler = partial(metrics_http.serve_conn, metrics.render_async, server.working)
     link = (WorkerLink(socket.socket(fileno=spec.control_fd),
-                       lambda seq: Report(seq, metrics.snapshot(), metrics.active()))
+                       lambda seq: Report(seq, metrics.snapshot(), metrics.active(),
+                                          Metrics.process_samples()))
             if spec is not None else None)
     exit_now = trio.Event()
     code = EXIT_OK
@@ -74,16 +75,27 @@ async def run(cfg: Config, argv: list[str], takeover: bool, spec: WorkerSpec | N
                 async def released() -> None:
                     await link.send(Released())
 
-                hooks = Hooks(worker=True, gate=gate, released=released)
+                async def successor_lost() -> bool:
+                    return await link.successor_lost(2 * cfg.proxy.upgrade_timeout)
+
+                hooks = Hooks(worker=True, gate=gate, released=released,
+                              successor_lost=successor_lost)
             # A single process is also its own worker 0 (localworker.py): a second Upgrader
             # serves <takeover_socket>.w0, where a protocol-4 successor takes our connections.
             local = LocalGate(cfg.proxy.upgrade_timeout)
             w0_path = channel_path(cfg.proxy.takeover_socket, 0)
             w0: list[socket.socket] = []  # its listening socket, once we have it
             w0_exit = trio.Event()  # that Upgrader handed over everything (or gave up)
+
+            async def w0_successor_lost() -> bool:
+                # Serve on only if the generation we released to is gone (as a supervisor
+                # decides for its workers: supervisor.Pool._successor_lost).
+                pid = upgrader.successor_pid
+                return pid == 0 or await pidfile.wait_gone(pid, 1.0)
+
             w0_upgrader = Upgrader(cfg, server, metrics, argv, root.start_soon, w0_exit, Hooks(
                 worker=True, gate=local.worker_gate, released=local.worker_released,
-                local_worker=True))
+                local_worker=True, successor_lost=w0_successor_lost))
             if spec is None:
                 hooks = Hooks(gate=local.generation_gate, rolled_back=local.rolled_back,
                               extra_sockets=lambda: {f"{WORKER_CHANNEL}@{w0_path}": w0[0]},

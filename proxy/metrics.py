@@ -117,6 +117,7 @@ class Metrics(Collector):
 
     def __init__(self, generation: int = 1, version: str = "") -> None:
         self.families: list[Family] = []
+        self.extra: list[Metric] = []  # rendered as they are (a supervisor's per-worker families)
         f = self._family
         self.connections_accepted = f("counter", "proxy_connections_accepted_total",
                                       "Client connections accepted.", ["listener"])
@@ -176,12 +177,19 @@ class Metrics(Collector):
     def collect(self) -> Iterator[Metric]:
         for fam in self.families:
             yield fam.collect()
+        yield from self.extra
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
     async def render_async(self) -> bytes:
         return self.render()
+
+    @staticmethod
+    def process_samples() -> dict[str, float]:
+        """This process's `process_*` samples, for a worker's report to its supervisor."""
+        return {s.name: s.value for fam in ProcessCollector(registry=None).collect()
+                for s in fam.samples}
 
     # ---- continuity across generations ------------------------------------------------------
 

@@ -45,13 +45,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from proxy import __version__, log, metrics_http, notify, pidfile
 from proxy.adopt import WORKER_CHANNEL, Options, Serving, TakeoverRefused, take_over
@@ -75,6 +76,7 @@ from proxy.workerctl import (
     Released,
     Report,
     Serve,
+    SuccessorLost,
 )
 from proxy.workerctl import (
     Serving as ServingMsg,
@@ -83,6 +85,7 @@ from proxy.workerctl import (
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
+SUCCESSOR_EXIT_WAIT = 1.0  # a new supervisor whose worker died: is it gone too?
 POLL_WAIT = 1.0  # a scrape waits this long for a worker's fresh numbers, else uses its last ones
 STOP_GRACE = 5.0  # after drain_timeout, how long workers get before SIGKILL
 
@@ -129,6 +132,7 @@ class Pool:
         self.committed = False  # RELEASE went out: this generation's workers wind down
         self.stopping = False
         self._seq = 0
+        self.successor_pid: Callable[[], int] = lambda: 0  # whom the generation released to
 
     # ---- channels ------------------------------------------------------------------------------
 
@@ -236,6 +240,8 @@ class Pool:
                     h.ready.set()
                 elif isinstance(msg, ServingMsg):
                     h.serving.set()
+                elif isinstance(msg, SuccessorLost):
+                    self.spawn(self._successor_lost, h)
                 elif isinstance(msg, PeerReady):
                     h.gating = True
                 elif isinstance(msg, Released):
@@ -265,30 +271,58 @@ class Pool:
             log.info("worker_exited", worker=h.index, worker_pid=h.proc.pid,
                      status=h.proc.returncode)
             return
-        lost = 0
-        if h.report is not None:
-            # What it counted stays counted: its last numbers join the supervisor's own.
-            with contextlib.suppress(ValueError):
-                self.metrics.restore(h.report.metrics)
-            lost = int(sum(h.report.active.values()))
-        reason = "hung" if h.hung else "died"
-        self.metrics.worker_restarts.labels(reason).inc()
-        self.metrics.worker_lost_connections.labels().inc(lost)
-        log.error("worker_died", worker=h.index, worker_pid=h.proc.pid, status=h.proc.returncode,
-                  reason=reason, lost_connections=lost)
+        if h.released and h.proc.returncode == 0:
+            # It handed everything to a successor whose generation then died: we serve again
+            # (serve_again), so its place is filled; nothing was lost.
+            log.info("worker_exited", worker=h.index, worker_pid=h.proc.pid, status=0)
+        else:
+            lost = 0
+            if h.report is not None:
+                # What it counted stays counted: its last numbers join the supervisor's own.
+                with contextlib.suppress(ValueError):
+                    self.metrics.restore(h.report.metrics)
+                lost = int(sum(h.report.active.values()))
+            reason = "hung" if h.hung else "died"
+            self.metrics.worker_restarts.labels(reason).inc()
+            self.metrics.worker_lost_connections.labels().inc(lost)
+            log.error("worker_died", worker=h.index, worker_pid=h.proc.pid,
+                      status=h.proc.returncode, reason=reason, lost_connections=lost)
+        await self._replace(h.index)
+
+    async def _replace(self, index: int) -> None:
         try:
-            new = await self._spawn(h.index, ())
+            new = await self._spawn(index, ())
             with trio.move_on_after(self.cfg.proxy.upgrade_timeout):
                 await _first(new.ready.wait, new.exited.wait)
             if new.ready.is_set():
                 await new.link.send(Serve())
-                log.info("worker_restarted", worker=h.index, worker_pid=new.proc.pid)
+                log.info("worker_restarted", worker=index, worker_pid=new.proc.pid)
             else:
-                log.error("worker_restart_failed", worker=h.index, reason=new.failed)
+                log.error("worker_restart_failed", worker=index, reason=new.failed)
                 with contextlib.suppress(ProcessLookupError):
                     new.proc.kill()
         except OSError as exc:
-            log.error("worker_restart_failed", worker=h.index, reason=str(exc))
+            log.error("worker_restart_failed", worker=index, reason=str(exc))
+
+    def serve_again(self) -> None:
+        """The generation we released to died: we serve again. Workers that already handed
+        everything over and exited are replaced; the others are told to serve on when they
+        ask (SUCCESSOR_LOST), or replaced when they exit."""
+        self.committed = False
+        for k, h in list(self.handles.items()):
+            if h.exited.is_set():
+                self.spawn(self._replace, k)
+
+    async def _successor_lost(self, h: Handle) -> None:
+        """An old worker's successor died after RELEASED: it serves on only if the whole new
+        generation is gone (else the new supervisor replaces that worker, and ours finishes)."""
+        pid = self.successor_pid()
+        gone = pid == 0 or await pidfile.wait_gone(pid, SUCCESSOR_EXIT_WAIT)
+        if gone:
+            self.committed = False
+            h.released = False
+        await h.link.send(Serve() if gone else Abort("the new generation serves on"))
+        log.info("worker_successor_lost", worker=h.index, serve_on=gone)
 
     async def heartbeat(self) -> None:
         """Poll every worker; one that answers nothing for worker_timeout is replaced."""
@@ -336,6 +370,9 @@ class Pool:
                 continue
             agg.add_active(h.report.active)
             agg.worker_connections.labels(str(h.index)).set(sum(h.report.active.values()))
+        agg.extra = list(_per_worker_process(
+            {h.index: h.report.process for h in self.handles.values()
+             if h.report is not None and not h.exited.is_set()}))
         return agg.render()
 
     async def serve_all(self) -> None:
@@ -401,6 +438,24 @@ class Pool:
                 self.spawn(h.link.send, Abort(reason))
 
 
+# prometheus-client's process_* families, per worker: (sample name, our family, kind)
+_PROCESS = (("process_cpu_seconds_total", "proxy_worker_process_cpu_seconds", "counter"),
+            ("process_resident_memory_bytes", "proxy_worker_process_resident_memory_bytes",
+             "gauge"),
+            ("process_open_fds", "proxy_worker_process_open_fds", "gauge"),
+            ("process_start_time_seconds", "proxy_worker_process_start_time_seconds", "gauge"))
+
+
+def _per_worker_process(reports: dict[int, dict[str, float]]) -> Iterator[Metric]:
+    for sample, name, kind in _PROCESS:
+        fam = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+            name, f"The worker's {sample}.", labels=["worker"])
+        for k, process in sorted(reports.items()):
+            if sample in process:
+                fam.add_metric([str(k)], process[sample])
+        yield fam
+
+
 async def _first(*waits: Callable[[], Any]) -> None:
     """Return when the first of these waits returns."""
     async with trio.open_nursery() as nursery:
@@ -432,8 +487,9 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
                                              server.working)
             await root.start(server.host_handlers)
             hooks = Hooks(gate=pool.gate, rolled_back=pool.rolled_back,
-                          extra_sockets=pool.extra_sockets)
+                          extra_sockets=pool.extra_sockets, serving_again=pool.serve_again)
             upgrader = Upgrader(cfg, server, metrics, argv, root.start_soon, exit_now, hooks)
+            pool.successor_pid = lambda: upgrader.successor_pid
 
             def on_channel(sock: socket.socket) -> None:
                 root.start_soon(upgrader.serve_channel, sock)

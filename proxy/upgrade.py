@@ -123,6 +123,7 @@ class Attempt:
     cause: str = ""  # why its session ended early (at any point)
     successor_quits: bool = False  # the peer ABORTed saying it will not serve
     released: bool = False
+    via_workers: bool = False  # protocol 4, one process: the connections moved on .w0's session
     session_scope: trio.CancelScope | None = None
 
     def fail(self, error: UpgradeError) -> None:
@@ -148,6 +149,25 @@ class Hooks:
     # over the worker channel's session; this waits until that session ended.
     via_workers: Callable[[], Awaitable[None]] | None = None
     local_worker: bool = False  # that worker channel's Upgrader: quiet phases, traffic metrics
+    # An old worker whose successor died after RELEASED: True = serve on (its supervisor says
+    # the whole new generation is gone), False = finish what it holds and exit.
+    successor_lost: Callable[[], Awaitable[bool]] | None = None
+    serving_again: Callable[[], None] | None = None  # a supervisor serves again: so do workers
+
+
+async def _until_done_or_broken(ch: Channel, done: Callable[[], Awaitable[None]]) -> None:
+    """Wait for `done()` while the peer is to say nothing: anything it says (EOF, ABORT, an
+    event) means the session broke, raised as ChannelError or SessionFailed."""
+    async with trio.open_nursery() as nursery:
+        async def watch() -> None:
+            await trio.lowlevel.wait_readable(ch.sock)
+            event, fds = await ch.receive()
+            fds.close()
+            raise SessionFailed(f"unexpected {type(event).__name__} while workers hand over")
+
+        nursery.start_soon(watch)
+        await done()
+        nursery.cancel_scope.cancel()
 
 
 class Upgrader:
@@ -429,10 +449,11 @@ class Upgrader:
                 fds.close()
                 if isinstance(event, Ack):
                     self.server.acknowledge(event.ids)
-        self.server.hold.release()
-        kept = self.server.resume_exported()
-        if kept:
-            log.info("handover_resumed", connections=kept)
+        if not attempt.via_workers:  # (else the worker channel's Upgrader resumes its own)
+            self.server.hold.release()
+            kept = self.server.resume_exported()
+            if kept:
+                log.info("handover_resumed", connections=kept)
         quits = attempt.successor_quits  # it gave up before it saw RELEASED: it exits
         gone = await pidfile.wait_gone(
             peer_pid, self.cfg.proxy.upgrade_timeout if quits else SUCCESSOR_EXIT_WAIT)
@@ -440,7 +461,16 @@ class Upgrader:
             self._killed.add(peer_pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(peer_pid, signal.SIGKILL)
-        if (gone or quits) and not self.hooks.worker:
+        if (gone or quits) and self.hooks.worker:
+            if self.hooks.successor_lost is not None and await self.hooks.successor_lost():
+                log.error("successor_lost", successor_pid=peer_pid, kept=len(self.server.conns))
+                self.successor_pid = 0
+                self.serving = True
+                self.spawn(self.server.accept_all)
+                self._restart_channel()
+                self.set_phase(Phase.SERVING)
+                return
+        elif gone or quits:
             # The generation we released to is gone: nobody serves; we do again. The upgrade
             # did not stick: count and record it as failed.
             reason = f"the new generation (pid {peer_pid}) died after it took over: {attempt.cause}"
@@ -452,6 +482,8 @@ class Upgrader:
             self.successor_pid = 0
             self.serving = True
             self.spawn(self.server.accept_all)
+            if self.hooks.serving_again is not None:
+                self.hooks.serving_again()
             pidfile.write(self.cfg.proxy.pidfile)
             self._restart_channel()
             notify.title(f"generation {self.generation} serving")
@@ -524,7 +556,8 @@ class Upgrader:
         await fault_point("old", "after_released")
         moved = 0
         if via_workers and self.hooks.via_workers is not None:
-            await self.hooks.via_workers()
+            attempt.via_workers = True
+            await _until_done_or_broken(ch, self.hooks.via_workers)
         else:
             srv.hold.hold()  # idle http clients stop taking requests: they move next
             t0 = trio.current_time()

@@ -41,6 +41,7 @@ from proxy.workerctl import (
     Report,
     Serve,
     Serving,
+    SuccessorLost,
 )
 
 SPEC_ENV = "PROXY_WORKER"
@@ -110,6 +111,7 @@ class WorkerLink:
         self.serve = trio.Event()
         self.gone = trio.Event()  # the supervisor hung up (it died, or sent garbage)
         self._gate: trio.MemorySendChannel[str | None] | None = None
+        self._verdict: trio.MemorySendChannel[bool] | None = None  # SUCCESSOR_LOST's answer
 
     async def run(self) -> None:
         try:
@@ -119,6 +121,8 @@ class WorkerLink:
                     break
                 if isinstance(msg, Poll):
                     await self.link.send(self.report(msg.seq))
+                elif self._verdict is not None and isinstance(msg, Serve | Abort):
+                    self._verdict.send_nowait(isinstance(msg, Serve))
                 elif isinstance(msg, Serve):
                     self.serve.set()
                 elif isinstance(msg, Release | Abort):
@@ -137,6 +141,19 @@ class WorkerLink:
 
     async def send(self, msg: Ready | PeerReady | Released | Serving | Failed) -> None:
         await self.link.send(msg)
+
+    async def successor_lost(self, timeout: float) -> bool:
+        """Our successor died after RELEASED, with what it had not ACKed back with us: does our
+        supervisor say serve on (the whole new generation is gone) or finish and exit?"""
+        send, recv = trio.open_memory_channel[bool](1)
+        self._verdict = send
+        try:
+            await self.link.send(SuccessorLost())
+            with trio.move_on_after(timeout):
+                return await recv.receive()
+            return False
+        finally:
+            self._verdict = None
 
     async def gate(self, channel: socket.socket, timeout: float) -> None:
         """An old worker whose successor said READY: may it release? Returns on RELEASE;

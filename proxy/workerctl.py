@@ -3,14 +3,18 @@ wire form (one JSON object per line) and a strict decoder. No trio and no socket
 
     supervisor -> worker                      worker -> supervisor
     POLL {seq}      heartbeat + metrics       REPORT {seq, metrics, active}   the answer
-    SERVE           a worker with no peer     READY        listeners open; every peer session
-                    starts accepting                       said READY (a new worker)
+    SERVE           the generation serves:    READY        listeners open; every peer session
+                    start accepting (also the              said READY (a new worker)
+                    answer to SUCCESSOR_LOST:
+                    serve on)
     RELEASE         an old worker may send    PEER_READY   an old worker's successor said READY:
                     RELEASED to its successor              it waits for RELEASE or ABORT
     ABORT {reason}  the generation's upgrade  RELEASED     an old worker sent RELEASED
-                    rolled back               SERVING      a new worker serves (every peer
-                                                           released it, metrics restored)
+                    rolled back (also: no,    SERVING      a new worker serves (every peer
+                    do not serve on)                       released it, metrics restored)
                                               FAILED {reason}  a new worker gives up (it exits)
+                                              SUCCESSOR_LOST  an old worker's successor died
+                                                           after RELEASED: serve on?
 
 Why a line of JSON and not the takeover framing: no fds ever travel here (connections go worker
 to worker on the takeover channel), and every message is small except REPORT, which is bounded.
@@ -57,6 +61,7 @@ class Report:
     seq: int
     metrics: dict[str, list[Any]]  # Metrics.snapshot(): validated by Metrics.restore()
     active: dict[str, float]  # proxy_connections_active by listener
+    process: dict[str, float]  # the worker's process_* samples (prometheus-client's collector)
 
 
 @dataclass(frozen=True)
@@ -84,11 +89,17 @@ class Failed:
     reason: str
 
 
-Message = Poll | Serve | Release | Abort | Report | Ready | PeerReady | Released | Serving | Failed
+@dataclass(frozen=True)
+class SuccessorLost:
+    pass
+
+
+Message = (Poll | Serve | Release | Abort | Report | Ready | PeerReady | Released | Serving | Failed
+           | SuccessorLost)
 _TYPES: dict[str, type[Message]] = {
     "poll": Poll, "serve": Serve, "release": Release, "abort": Abort, "report": Report,
     "ready": Ready, "peer_ready": PeerReady, "released": Released, "serving": Serving,
-    "failed": Failed}
+    "failed": Failed, "successor_lost": SuccessorLost}
 _NAMES = {cls: name for name, cls in _TYPES.items()}
 
 
@@ -97,7 +108,7 @@ def encode(msg: Message) -> bytes:
     if isinstance(msg, Poll):
         body["seq"] = msg.seq
     elif isinstance(msg, Report):
-        body.update(seq=msg.seq, metrics=msg.metrics, active=msg.active)
+        body.update(seq=msg.seq, metrics=msg.metrics, active=msg.active, process=msg.process)
     elif isinstance(msg, Abort | Failed):
         body["reason"] = msg.reason[:MAX_REASON]
     line = json.dumps(body, separators=(",", ":")).encode() + b"\n"
@@ -120,6 +131,14 @@ def _reason(body: dict[str, Any]) -> str:
     return reason
 
 
+def _numbers(d: object) -> dict[str, float]:
+    if not isinstance(d, dict) or not all(
+            isinstance(k, str) and not isinstance(v, bool) and isinstance(v, int | float)
+            for k, v in d.items()):
+        raise ControlError("bad report")
+    return {k: float(v) for k, v in d.items()}
+
+
 def decode(line: bytes) -> Message:
     """One line (without its newline) -> a message. Raises ControlError."""
     try:
@@ -134,12 +153,11 @@ def decode(line: bytes) -> Message:
     if cls is Poll:
         return Poll(_seq(body))
     if cls is Report:
-        metrics, active = body.get("metrics"), body.get("active")
-        if not isinstance(metrics, dict) or not isinstance(active, dict) or not all(
-                isinstance(k, str) and not isinstance(v, bool) and isinstance(v, int | float)
-                for k, v in active.items()):
+        metrics = body.get("metrics")
+        if not isinstance(metrics, dict):
             raise ControlError("bad report")
-        return Report(_seq(body), metrics, {k: float(v) for k, v in active.items()})
+        return Report(_seq(body), metrics, _numbers(body.get("active")),
+                      _numbers(body.get("process")))
     if cls is Abort:
         return Abort(_reason(body))
     if cls is Failed:

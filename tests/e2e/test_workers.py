@@ -144,6 +144,8 @@ async def test_a_worker_killed_is_restarted_and_the_others_connections_are_untou
             victim = workers(p)[0]
             held = await metric_t(p, "proxy_worker_connections_active", worker="0")
             assert held > 0
+            assert await metric_t(p, "proxy_worker_process_open_fds", worker="0") >= 2 * held
+            accepted = await metric_t(p, "proxy_connections_accepted_total", listener="web")
             os.kill(victim, signal.SIGKILL)
             await trio.to_thread.run_sync(
                 lambda: p.wait_log(rf"event=worker_restarted gen=1 pid={p.pid()} worker=0 "))
@@ -157,6 +159,9 @@ async def test_a_worker_killed_is_restarted_and_the_others_connections_are_untou
             await wait_until(streams_progress(live))
             assert await metric_t(p, "proxy_worker_restarts_total", reason="died") == 1
             assert await metric_t(p, "proxy_worker_lost_connections_total") == held
+            # The dead worker's counts stay counted (its last report joins the supervisor's).
+            assert await metric_t(p, "proxy_connections_accepted_total",
+                                  listener="web") == accepted
             more = StreamSet(p.port, 10).start(nursery)  # the restarted worker takes new ones
             await wait_until(lambda: all(s.replies > 2 for s in more.streams))
             more.stop.set()
@@ -207,4 +212,36 @@ async def test_a_new_worker_that_fails_to_start_rolls_back_the_whole_generation(
             ss.stop.set()
             await wait_until(lambda: not any(s.open for s in ss.streams))
             assert_clean(ss.streams)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_new_generation_dying_at_released_leaves_the_old_one_serving_everything() -> None:
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery, deployment(nursery,
+                                                              proxy={"workers": 2}) as p:
+            ss = StreamSet(p.port, 20).start(nursery)
+            await wait_until(lambda: all(s.replies > 0 for s in ss.streams))
+            sup, ws = p.pid(), workers(p)
+            mark = len(p.text())
+            # Every new process (supervisor and workers) dies the moment it is released to.
+            p.arm_fault("new:after_released:crash")
+            os.kill(sup, signal.SIGUSR2)
+            await trio.to_thread.run_sync(
+                lambda: p.wait_log(rf"event=successor_lost gen=1 pid={sup} ", start=mark))
+            p.disarm_fault()
+            for k in (0, 1):  # each old worker took back what it had not handed over
+                await trio.to_thread.run_sync(lambda k=k: p.wait_log(  # type: ignore[misc]
+                    rf"event=worker_successor_lost gen=1 pid={sup} worker={k} serve_on=True",
+                    start=mark))
+            await trio.to_thread.run_sync(lambda: p.wait_log(
+                rf"event=upgrade_failed gen=1 pid={sup} ", start=mark))
+            assert p.pid() == sup and all(alive(w) for w in ws.values())
+            await wait_until(streams_progress(ss.streams))
+            ss.stop.set()
+            await wait_until(lambda: not any(s.open for s in ss.streams))
+            assert_clean(ss.streams)  # nothing lost: nothing had been ACKed yet
+            more = StreamSet(p.port, 6).start(nursery)  # and it accepts again
+            await wait_until(lambda: all(s.replies > 2 for s in more.streams))
+            more.stop.set()
+            assert_clean(more.streams)
             nursery.cancel_scope.cancel()
