@@ -21,7 +21,14 @@ from pathlib import Path
 import trio
 
 from proxy import __version__, log, metrics_http, notify, pidfile
-from proxy.adopt import WORKER_CHANNEL, Options, Serving, TakeoverRefused, take_over
+from proxy.adopt import (
+    WORKER_CHANNEL,
+    Options,
+    Serving,
+    TakeoverRefused,
+    adopt_stderr,
+    take_over,
+)
 from proxy.channel import Channel, bind_channel
 from proxy.config import Config
 from proxy.faults import fault_point
@@ -139,14 +146,15 @@ async def run(cfg: Config, argv: list[str], takeover: bool, spec: WorkerSpec | N
                     exit_now.set()
                     return
                 was_serving = upgrader.serving
-                upgrader.set_phase(Phase.DRAINING, connections=len(server.conns))
-                notify.title(f"generation {upgrader.generation} draining")
                 server.stop_accepting()
                 takeover_scope.cancel()  # a takeover in progress ABORTs (before or after RELEASED)
                 await upgrader.stop()
                 await w0_upgrader.stop()
                 server.stop_accepting()  # a rollback may have restarted accepting
                 server.close_listeners()
+                # (logged once the listeners are closed: from this line on, connects are refused)
+                upgrader.set_phase(Phase.DRAINING, connections=len(server.conns))
+                notify.title(f"generation {upgrader.generation} draining")
                 server.close_idle()
                 if (spec is None and was_serving
                         and pidfile.read(cfg.proxy.pidfile) in (None, os.getpid())):
@@ -283,6 +291,7 @@ async def _worker_start(cfg: Config, spec: WorkerSpec, link: WorkerLink, server:
     if not link.serve.is_set():
         raise StartupError("the supervisor hung up before SERVE")
     served = True
+    adopt_stderr()  # our logs must not depend on the previous generation's stderr pipe
     on_serving(Serving(spec.generation, False, channel))
 
     async def report_serving() -> None:

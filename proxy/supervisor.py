@@ -262,26 +262,28 @@ class Pool:
         """Hold the generation while the worker lives; restart it if it dies while serving."""
         with self.server.working():
             await h.proc.wait()
+        replace = (self.handles.get(h.index) is h and h.serving.is_set() and not self.committed
+                   and not self.stopping)
+        died = replace and not (h.released and h.proc.returncode == 0)
+        lost = 0
+        if died and h.report is not None:
+            # What it counted stays counted: its last numbers join the supervisor's own (before
+            # `exited` drops its report from the sum, so a scrape never sees a dip).
+            with contextlib.suppress(ValueError):
+                self.metrics.restore(h.report.metrics)
+            lost = int(sum(h.report.active.values()))
         h.exited.set()
         h.link.close()
         self.changed.unpark_all()
-        if self.handles.get(h.index) is not h:
-            return
-        if not h.serving.is_set() or self.committed or self.stopping:
+        if not replace:
             log.info("worker_exited", worker=h.index, worker_pid=h.proc.pid,
                      status=h.proc.returncode)
             return
-        if h.released and h.proc.returncode == 0:
+        if not died:
             # It handed everything to a successor whose generation then died: we serve again
             # (serve_again), so its place is filled; nothing was lost.
             log.info("worker_exited", worker=h.index, worker_pid=h.proc.pid, status=0)
         else:
-            lost = 0
-            if h.report is not None:
-                # What it counted stays counted: its last numbers join the supervisor's own.
-                with contextlib.suppress(ValueError):
-                    self.metrics.restore(h.report.metrics)
-                lost = int(sum(h.report.active.values()))
             reason = "hung" if h.hung else "died"
             self.metrics.worker_restarts.labels(reason).inc()
             self.metrics.worker_lost_connections.labels().inc(lost)
@@ -527,15 +529,16 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
                     return
                 was_serving = upgrader.serving
                 pool.stopping = True
-                upgrader.set_phase(Phase.DRAINING)
                 server.stop_accepting()
                 takeover_scope.cancel()
                 await upgrader.stop()
-                pool.signal_all(signal.SIGTERM)
+                pool.signal_all(signal.SIGTERM)  # each closes its copies and drains
+                server.close_listeners()  # ours too: from here connects are refused
+                upgrader.set_phase(Phase.DRAINING)
+                notify.title(f"generation {pool.generation} draining")
                 drained = await pool.wait_all_exited(cfg.proxy.drain_timeout + STOP_GRACE)
                 if not drained:
                     pool.kill_all()
-                server.close_listeners()
                 mine = was_serving and pidfile.read(cfg.proxy.pidfile) in (None, os.getpid())
                 if mine:
                     cfg.proxy.takeover_socket.unlink(missing_ok=True)

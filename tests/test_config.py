@@ -55,6 +55,10 @@ BAD = [
     ("[proxy]\ndrain_timeout = -1\n", "proxy.drain_timeout:"),
     ("[proxy]\ndrain_timeout = \"5\"\n", "proxy.drain_timeout: expected a duration"),
     ("[proxy]\nupgrade_timeout = 0\n", "proxy.upgrade_timeout: must be greater than 0"),
+    ("[proxy]\nworkers = 0\n", "proxy.workers: expected an integer from 1 to 256"),
+    ("[proxy]\nworkers = \"many\"\n", "proxy.workers: expected an integer"),
+    ("[proxy]\nworkers = true\n", "proxy.workers: expected an integer"),
+    ("[proxy]\nworker_timeout = 0\n", "proxy.worker_timeout: must be greater than 0"),
     ("[metrics]\nlisten = \"nope\"\n", "metrics.listen: expected host:port"),
     ("[metrics]\nlisten = \"127.0.0.1:1\"\nextra = 1\n", "metrics.extra: unknown key"),
     ("[upstream.app]\nservers = [\"127.0.0.1:1\", \"x\"]\n", "upstream.app.servers[1]:"),
@@ -133,3 +137,13 @@ def test_check_cli_valid_and_invalid(tmp_path: Path) -> None:
 def test_unreadable_config_exits_2(tmp_path: Path) -> None:
     res = run_cli("check", "--config", str(tmp_path / "missing.toml"))
     assert res.returncode == 2 and "cannot read config" in res.stderr
+
+
+def test_workers_auto_is_the_cpu_count(tmp_path: Path) -> None:
+    import os
+
+    assert load_text(tmp_path, GOOD).proxy.workers == 1
+    auto = load_text(tmp_path, GOOD.replace("[proxy]\n", '[proxy]\nworkers = "auto"\n'))
+    assert auto.proxy.workers == max(1, min(256, os.cpu_count() or 1))
+    assert load_text(tmp_path, GOOD.replace("[proxy]\n", "[proxy]\nworkers = 3\n")
+                     ).proxy.workers == 3

@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 from functools import partial
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.e2e.test_tcp import metric
@@ -244,4 +246,29 @@ async def test_a_new_generation_dying_at_released_leaves_the_old_one_serving_eve
             await wait_until(lambda: all(s.replies > 2 for s in more.streams))
             more.stop.set()
             assert_clean(more.streams)
+            nursery.cancel_scope.cancel()
+
+
+async def test_sigterm_stops_the_supervisor_and_every_worker_gracefully() -> None:
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery, deployment(nursery,
+                                                              proxy={"workers": 2}) as p:
+            ss = StreamSet(p.port, 6).start(nursery)
+            await wait_until(lambda: all(s.replies > 0 for s in ss.streams))
+            sup, ws = p.pid(), workers(p)
+            os.kill(sup, signal.SIGTERM)
+            await trio.to_thread.run_sync(lambda: p.wait_log(r"event=phase gen=1 "
+                                                             rf"pid={sup} .*phase=draining"))
+            with pytest.raises(ConnectionRefusedError):  # every copy of the listener is closed
+                await trio.to_thread.run_sync(
+                    lambda: socket.create_connection(("127.0.0.1", p.port), timeout=5).close())
+            ss.stop.set()  # the streams finish; then everybody exits
+            assert p.proc is not None
+            code = await trio.to_thread.run_sync(lambda: p.proc.wait(timeout=30))  # type: ignore[union-attr]
+            assert code == 0
+            await wait_until(lambda: not any(alive(w) for w in ws.values()), timeout=10)
+            assert not p.pidfile.exists()
+            tk = p.dir / "tk"
+            assert not tk.exists() and not list(p.dir.glob("tk.w*"))
+            assert_clean(ss.streams)
             nursery.cancel_scope.cancel()
