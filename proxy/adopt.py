@@ -55,6 +55,7 @@ from proxy.takeover import (
     Welcome,
 )
 
+STOPPING = "stopping"  # our ABORT's reason when a graceful stop cancels the takeover
 OLD_EXIT_WAIT = 1.0  # a broken session: how long the old pid gets to show it died
 GC_IDLE = 0.2  # no batch for this long: the burst is over, the collector comes back on
 
@@ -195,7 +196,7 @@ class _Takeover:
                 await self._receive_all()
             return
         except trio.Cancelled:
-            reason = "stopping"
+            reason = STOPPING
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await self.ch.abort(reason, serving=self.serving)
             self.server.drop_adopted()  # never ACKed: the old generation resumes them

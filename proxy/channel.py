@@ -32,9 +32,10 @@ class ChannelError(Exception):
 class PeerAborted(ChannelError):
     """The peer sent ABORT; the message is its reason, `serving` whether it serves after it."""
 
-    def __init__(self, reason: str, serving: bool) -> None:
-        super().__init__(reason)
+    def __init__(self, message: str, serving: bool, reason: str = "") -> None:
+        super().__init__(message)
         self.serving = serving
+        self.reason = reason  # the peer's own words
 
 
 class PeerRefused(ChannelError):
@@ -130,7 +131,7 @@ class Channel:
         event, fds = got
         if isinstance(event, Abort):
             fds.close()
-            raise PeerAborted(f"peer aborted: {event.reason[:200]}", event.serving)
+            raise PeerAborted(f"peer aborted: {event.reason[:200]}", event.serving, event.reason)
         return event, fds
 
     def ready_now(self) -> tuple[Event, OwnedFds] | None:

@@ -103,6 +103,7 @@ class Server:
         self.handlers: trio.Nursery | None = None
         self.accept_scope = trio.CancelScope()
         self.accepting = False
+        self.listeners_closed = False
         self.accept_traffic = True  # False in a supervisor: its workers accept, it hosts /metrics
         self.loads: Loads | None = None  # a worker: the generation's shared load table
         self.changed = trio.lowlevel.ParkingLot()  # woken when a conn ends or becomes movable
@@ -164,7 +165,9 @@ class Server:
         return out
 
     def close_listeners(self) -> None:
-        """Close every listening socket (a graceful stop: new connects are refused)."""
+        """Close every listening socket (a graceful stop: new connects are refused). Accepting
+        never starts again after this."""
+        self.listeners_closed = True
         socks = [lr.sock for lr in self.listeners.values()]
         if self.metrics_sock is not None:
             socks.append(self.metrics_sock)
@@ -178,7 +181,7 @@ class Server:
     async def accept_all(self) -> None:
         """Run every accept loop until `stop_accepting()` (restartable: a rollback calls it
         again). A no-op while already accepting."""
-        if self.accepting:
+        if self.accepting or self.listeners_closed:
             return
         scope = self.accept_scope = trio.CancelScope()
         self.accepting = True

@@ -40,6 +40,7 @@ from typing import Any
 import trio
 
 from proxy import __version__, log, notify, pidfile
+from proxy.adopt import STOPPING
 from proxy.channel import Channel, ChannelError, PeerAborted, peer_allowed
 from proxy.child import STDERR_TAIL_LINES, pump_stderr, spawn_child
 from proxy.config import Config
@@ -64,6 +65,7 @@ from proxy.takeover import (
     State,
     Welcome,
 )
+from proxy.takeover import Abort as TakeoverAbort
 
 CLOSE_WAIT = 5.0  # after DONE, how long we wait for the new generation to hang up
 HELLO_TIMEOUT = 5.0  # a peer that connects and says nothing must not hold the channel
@@ -122,6 +124,7 @@ class Attempt:
     error: UpgradeError | None = None  # why it failed (before RELEASED)
     cause: str = ""  # why its session ended early (at any point)
     successor_quits: bool = False  # the peer ABORTed saying it will not serve
+    successor_stopping: bool = False  # it serves, and was told to stop: so is the service
     released: bool = False
     via_workers: bool = False  # protocol 4, one process: the connections moved on .w0's session
     session_scope: trio.CancelScope | None = None
@@ -158,16 +161,23 @@ class Hooks:
 async def _until_done_or_broken(ch: Channel, done: Callable[[], Awaitable[None]]) -> None:
     """Wait for `done()` while the peer is to say nothing: anything it says (EOF, ABORT, an
     event) means the session broke, raised as ChannelError or SessionFailed."""
+    broke: list[Exception] = []
     async with trio.open_nursery() as nursery:
         async def watch() -> None:
             await trio.lowlevel.wait_readable(ch.sock)
-            event, fds = await ch.receive()
-            fds.close()
-            raise SessionFailed(f"unexpected {type(event).__name__} while workers hand over")
+            try:
+                event, fds = await ch.receive()
+                fds.close()
+                raise SessionFailed(f"unexpected {type(event).__name__} while workers hand over")
+            except (ChannelError, SessionFailed) as exc:
+                broke.append(exc)  # raised below, as itself (not in the nursery's group)
+                nursery.cancel_scope.cancel()
 
         nursery.start_soon(watch)
         await done()
         nursery.cancel_scope.cancel()
+    if broke:
+        raise broke[0]
 
 
 class Upgrader:
@@ -399,6 +409,8 @@ class Upgrader:
                         log.error("takeover_session_error", error=repr(exc)[:300])
                     if isinstance(exc, PeerAborted) and not exc.serving:
                         attempt.successor_quits = True
+                    elif isinstance(exc, PeerAborted) and exc.reason == STOPPING:
+                        attempt.successor_stopping = True
                     attempt.fail(exc if isinstance(exc, UpgradeError)
                                  else SessionFailed(str(exc)))
             # Failed, or cancelled (upgrade timeout, the child exited, a graceful stop).
@@ -428,7 +440,13 @@ class Upgrader:
             if self.pending and self.serving:  # a signal came while that peer held the channel
                 self.spawn(self._run_attempts)
             return
-        # Released: the successor serves. ACKs already on their way still count.
+        # Released: the successor serves. An ABORT it sent while we were not reading (waiting
+        # for our workers) says why it went; ACKs already on their way still count.
+        with contextlib.suppress(ChannelError):
+            got = None if ch.session.unacked else ch.ready_now()
+            if got is not None and isinstance(got[0], TakeoverAbort):
+                got[1].close()
+                attempt.successor_stopping = got[0].reason == STOPPING
         with trio.move_on_after(LATE_ACK_WAIT), contextlib.suppress(ChannelError):
             while ch.session.unacked:
                 event, fds = await ch.receive()
@@ -461,6 +479,12 @@ class Upgrader:
             self._killed.add(peer_pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(peer_pid, signal.SIGKILL)
+        if attempt.successor_stopping:
+            # SIGTERM reached the generation we released to: the service is stopping, and we
+            # must not take it back. We finish what we hold, like it does, and exit.
+            log.info("successor_stopping", successor_pid=peer_pid, kept=len(self.server.conns))
+            self.spawn(self._drain_then_exit)
+            return
         if (gone or quits) and self.hooks.worker:
             if self.hooks.successor_lost is not None and await self.hooks.successor_lost():
                 log.error("successor_lost", successor_pid=peer_pid, kept=len(self.server.conns))
@@ -568,10 +592,13 @@ class Upgrader:
         # What could not move yet (a connect in progress, a request half-served) finishes
         # here and moves as soon as it can, up to drain_timeout.
         with trio.move_on_after(self.cfg.proxy.drain_timeout) as drain:
+            if via_workers or not srv.accept_traffic:
+                # Nothing travels on this session (the workers' sessions carry it all): watch
+                # it, so a successor that ABORTs meanwhile (a SIGTERM) is heard at once.
+                await _until_done_or_broken(ch, self._until_empty)
             while not srv.holds_nothing():
-                if not via_workers:
-                    with gc_paused():
-                        moved += await self._send_movable(ch)
+                with gc_paused():
+                    moved += await self._send_movable(ch)
                 if not srv.holds_nothing():
                     await srv.wait_changed()
         if drain.cancelled_caught:
@@ -585,6 +612,10 @@ class Upgrader:
             await ch.receive()
         self.exit_now.set()
         return True
+
+    async def _until_empty(self) -> None:
+        while not self.server.holds_nothing():
+            await self.server.wait_changed()
 
     async def _send_movable(self, ch: Channel) -> int:
         """Pause, send and (on ACK) release every movable connection, a batch at a time, with

@@ -272,3 +272,27 @@ async def test_sigterm_stops_the_supervisor_and_every_worker_gracefully() -> Non
             assert not tk.exists() and not list(p.dir.glob("tk.w*"))
             assert_clean(ss.streams)
             nursery.cancel_scope.cancel()
+
+
+async def test_sigterm_to_the_new_generation_at_released_stops_the_service_not_a_rollback(
+        ) -> None:
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery, deployment(nursery,
+                                                              proxy={"workers": 2}) as p:
+            sup = p.pid()
+            mark = len(p.text())
+            p.arm_fault("new:after_released:delay")  # hold every new process right there
+            os.kill(sup, signal.SIGUSR2)
+            m = await trio.to_thread.run_sync(lambda: p.wait_log(
+                r"event=test_fault gen=\d+ pid=(\d+) side=new step=after_released", start=mark))
+            new = int(m.group(1))
+            await trio.to_thread.run_sync(
+                lambda: p.wait_log(rf"event=takeover_serving gen=2 pid=\d+ ", start=mark))
+            new = p.pid()  # the new supervisor (a worker may have logged the fault first)
+            assert new != sup
+            os.kill(new, signal.SIGTERM)
+            await wait_until(lambda: not alive(sup) and not alive(new), timeout=30)
+            assert p.find_log(rf"event=successor_lost gen=1 pid={sup} ", mark) is None
+            assert p.find_log(rf"event=successor_stopping gen=1 pid={sup} ", mark)
+            assert not any(alive(pid) for pid in p.all_pids())  # every worker of both went
+            nursery.cancel_scope.cancel()
