@@ -542,6 +542,12 @@ class Upgrade:
 
 
     @property
+    def generation_handover_ms(self) -> float:
+        """The generation's handover: the one process's handover_ms, or with workers the span
+        from the first old worker's RELEASED to the last one's handed_over."""
+        return self.handover_span_ms if self.workers > 1 else self.handover_ms
+
+    @property
     def serving_ms(self) -> float:
         return (self.t_serving - self.t_signal) * 1000
 
