@@ -210,8 +210,9 @@ def report(rows: list[Row], problems: list[str], result: dict[str, Any],
     table.append([tot.kind, tot.count, tot.ok, tot.rolled_back, tot.stopped, tot.other,
                   tot.errors, tot.expected, tot.max_serving, tot.blips, tot.zero_samples,
                   fmt(tot.longest_zero_ms, 0), fmt(tot.worst_stall_ms, 0), tot.strays])
-    print_table(f"Chaos soak: {len(result['upgrades'])} upgrades in {result['seconds']:g}s, seed "
-                f"{a.seed}, upgrade_timeout {a.upgrade_timeout:g}s, drain_timeout "
+    print_table(f"Chaos soak: {len(result['upgrades'])} upgrades in {result['seconds']:g}s, "
+                f"{a.workers} worker(s) per generation, seed {a.seed}, upgrade_timeout "
+                f"{a.upgrade_timeout:g}s, drain_timeout "
                 f"{a.drain_timeout:g}s, {tot.samples} samples every {a.sample_ms:g} ms "
                 f"({machine_note()})",
                 ["fault", "count", "ok", "rolled back", "stopped", "other", "errors",
