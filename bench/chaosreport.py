@@ -199,6 +199,10 @@ def report(rows: list[Row], problems: list[str], result: dict[str, Any],
         table.append([x.kind, x.count, x.ok, x.rolled_back, x.stopped, x.other, x.errors,
                       x.expected, x.max_serving, x.blips, x.zero_samples,
                       fmt(x.longest_zero_ms, 0), fmt(x.worst_stall_ms, 0), x.strays])
+    chosen = a.kinds.split(",") if a.kinds else KINDS
+    for k in KINDS:
+        if k not in chosen:
+            table.append([f"{k} (not scheduled: --kinds)", *["-"] * 13])
     tot = Row("total")
     for x in rows:
         for k in ("count", "ok", "rolled_back", "stopped", "other", "errors", "expected",
