@@ -32,6 +32,7 @@ import select
 import shutil
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -829,6 +830,7 @@ class ScalePoint:
     requests: int
     cpu: CpuSplit
     wall_s: float
+    round: int = 0  # points of the same round ran back to back (per-round ratios)
 
     @property
     def us_per_req(self) -> float:
@@ -844,7 +846,7 @@ class ScalePoint:
 
 def _span(values: Sequence[float], digits: int) -> str:
     lo, hi = min(values), max(values)
-    med = sorted(values)[len(values) // 2]
+    med = statistics.median(values)
     if len(values) == 1 or fmt(lo, digits) == fmt(hi, digits):
         return fmt(med, digits)
     return f"{fmt(med, digits)} ({fmt(lo, digits)}-{fmt(hi, digits)})"
@@ -864,7 +866,7 @@ def print_scaling(title: str, points: Sequence[ScalePoint]) -> list[str]:
         return []
 
     def med(vals: list[float]) -> float:
-        return sorted(vals)[len(vals) // 2]
+        return statistics.median(vals)
 
     base_n = min(by)
     base_rps = med([p.rps for p in by[base_n]])
@@ -901,7 +903,13 @@ def print_scaling(title: str, points: Sequence[ScalePoint]) -> list[str]:
                 continue
             r = med([p.rps for p in by[n]]) / base_rps if base_rps else float("nan")
             c = med([p.us_per_req_worker for p in by[n]]) / base_cpu if base_cpu else float("nan")
-            line = f"{n}w/{base_n}w rate {r:.2f}x"
+            rounds = {p.round for p in points}
+            per_round = [
+                f"{by_round[n] / by_round[base_n]:.2f}x" for rnd in sorted(rounds)
+                if (by_round := {p.workers: p.rps for p in points if p.round == rnd})
+                and n in by_round and base_n in by_round and by_round[base_n]]
+            line = f"{n}w/{base_n}w rate {r:.2f}x (ratio of medians"
+            line += f"; by round: {', '.join(per_round)})" if len(per_round) > 1 else ")"
             if n == 2 and base_n == 1:
                 line += f" (goal >= {GOAL_SCALING:g}x: {'met' if r >= GOAL_SCALING else 'NOT met'})"
             line += (f"; CPU/req/worker {c:.2f}x of {base_n}w (goal: not growing, within "

@@ -375,8 +375,9 @@ def main() -> int:
         print(f"goal (<= 200 us of proxy CPU per request): median {fmt(med[ours], 1)} us -> "
               f"{'met' if med[ours] <= 200 else 'NOT met'}")
         for label, _, _ in variants:
-            points = [ScalePoint(r.workers, r.res.rps, r.res.requests, r.cpu, r.wall_s)
-                      for r in rows if r.variant == label and r.cpu is not None]
+            points = [ScalePoint(r.workers, r.res.rps, r.res.requests, r.cpu, r.wall_s,
+                                 k // len(targets))
+                      for k, r in enumerate(rows) if r.variant == label and r.cpu is not None]
             if len({p.workers for p in points}) > 1:
                 print_scaling(f"worker scaling, http mode ({label}): the same load (wrk "
                               f"-t{args.threads} -c{args.connections}), one proxy per worker "

@@ -285,8 +285,8 @@ def rr_part(args: argparse.Namespace, targets: list[Target]) -> None:
                 f"to the same round's direct and HAProxy",
                 ["target", "req/s", "p50 ms", "p99 ms", "middlebox CPU%", "vs direct",
                  "vs HAProxy", "errors"], rows)
-    points = [ScalePoint(t.workers, r.rps, r.requests, r.cpu, r.wall_s)
-              for t, r in results if t.proxy is not None and r.cpu is not None]
+    points = [ScalePoint(t.workers, r.rps, r.requests, r.cpu, r.wall_s, k // len(targets))
+              for k, (t, r) in enumerate(results) if t.proxy is not None and r.cpu is not None]
     if len({p.workers for p in points}) > 1:
         print_scaling(f"(a) worker scaling, tcp mode: the same load (wrk -t{args.threads} "
                       f"-c{args.connections}), one proxy per worker count, same run "
