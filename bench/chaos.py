@@ -39,6 +39,13 @@ kill9_new, sigstop_new (held past upgrade_timeout, then SIGCONT), bad_config, br
 socket while idle and during the handover), usr2_storm (5 SIGUSR2 in 100 ms), sigterm_handover
 (a graceful stop: errors during it are expected and counted apart; a fresh proxy is started
 after it), kill9_old_released (only requests the old generation still held may fail).
+
+`--workers N` runs the proxy with `[proxy] workers = N`: every generation is a supervisor and N
+workers. Every fault kind applies; "the new/old generation" is the supervisor (and, for
+kill9_old_released, its workers too): see bench/chaosfaults.py. A worker that outlives its
+generation (past drain_timeout) counts as a stray.
+
+    python bench/chaos.py --workers 2 --upgrades 20 --seed 11
 """
 
 from __future__ import annotations
@@ -111,6 +118,7 @@ def main() -> int:
                     help="two serving generations count when seen this long (250)")
     ap.add_argument("--settle", type=float, default=0.3, help="pause between upgrades, s (0.3)")
     ap.add_argument("--keep-log", metavar="PATH", help="copy the proxy's log here at the end")
+    ap.add_argument("--workers", type=int, default=1, help="the proxy's [proxy] workers (1)")
     ap.add_argument("--max-seconds", type=float, default=3600.0,
                     help="stop scheduling upgrades after this long (3600)")
     args = ap.parse_args()

@@ -80,7 +80,8 @@ class Deployment:
             {"echo": {"servers": [f"{LOOPBACK}:{self.echo.port}"]},
              "web": {"servers": [f"{LOOPBACK}:{self.web.port}"]}},
             proxy_opts={"drain_timeout": self.args.drain_timeout,
-                        "upgrade_timeout": self.args.upgrade_timeout})
+                        "upgrade_timeout": self.args.upgrade_timeout},
+            workers=self.args.workers)
         self.good_config = self.proxy.config.read_text()
         self.proxy.start()
         self.watch = LogWatch(self.proxy.log)
@@ -101,8 +102,9 @@ class Deployment:
         if self.proxy is not None:
             self.restore_disk()
             pids = self.watch.pids if self.watch else set()
-            self.proxy.stop_all(pids, self.args.keep_log)
-            for pid in pids:  # generations orphaned to us (subreaper) and gone: no zombies
+            workers = set(self.watch.workers) if self.watch else set()
+            self.proxy.stop_all(pids | workers, self.args.keep_log)
+            for pid in pids | workers:  # orphaned to us (subreaper) and gone: no zombies
                 alive(pid)
         self.web.stop()
         self.echo.stop()

@@ -2,6 +2,13 @@
 
 See bench/chaos.py's docstring for the list of kinds; bench/chaosoutcome.py follows the upgrade
 and judges what became of it.
+
+With workers (`--workers N`, N > 1) "the new generation" / "the old generation" are the
+supervisors (the pids the old side logs as child_pid and the pidfile names): kill9_new and
+sigstop_new hit the new supervisor, whose workers must follow it (they are checked for strays);
+kill9_old_released waits until every old worker logged handed_over, then kills the old
+supervisor and every old worker with -9 (the whole old generation); the pairs the killed new
+generation could lose are its workers' (the old workers' `phase=released connections=N`).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from pathlib import Path
 
 from bench.chaosdeploy import Deployment
 from bench.chaosoutcome import Record, await_outcome, check_takeback, phase_at, settle, wait_step
-from bench.chaoswatch import proc_title
+from bench.chaoswatch import Line, proc_title
 from bench.common import alive
 
 KINDS = ["kill9_new", "sigstop_new", "bad_config", "broken_module", "garbage_peer",
@@ -88,9 +95,9 @@ def run_upgrade(d: Deployment, r: Record, rng: random.Random) -> None:
             # Pairs the new generation had ACKed were its own: they die with it (no one
             # else holds their sockets). Only a kill after the handover began can cost any.
             for x in d.w.since(mark):
-                if x.event == "phase" and x.pid == r.old_pid and x.t <= r.t_fault and \
-                        x.fields.get("phase") == "released":
-                    r.new_held = int(x.fields.get("connections", "0"))
+                if x.event == "phase" and r.old_pid in (x.pid, x.sup) and x.t <= r.t_fault \
+                        and x.fields.get("phase") == "released":
+                    r.new_held += int(x.fields.get("connections", "0"))
     elif r.kind in ("bad_config", "broken_module"):
         if r.kind == "bad_config":
             d.px.config.write_text(d.good_config + "\n[bogus]\nkey = 1\n")
@@ -144,13 +151,31 @@ def run_upgrade(d: Deployment, r: Record, rng: random.Random) -> None:
         # After `handed_over` the old generation holds only what cannot move yet (a
         # request in progress, a connect in flight). A kill right at RELEASED would take
         # every connection with it (nothing has moved then): the e2e tests cover that.
+        old_workers = d.w.workers_of(r.old_pid)
         line = d.w.wait(lambda ln: ln.event in ("handed_over", "upgrade_failed")
                         and ln.pid == r.old_pid, mark, outcome_timeout)
         r.landed = "handed_over" if line is not None and line.event == "handed_over" else ""
+        if r.landed and old_workers:
+            # The supervisor's handed_over comes at RELEASED (it moves nothing itself): wait
+            # for every old worker's own, which ends its handover.
+            live = [w for w in old_workers if alive(w)]
+            done: set[int] = set()
+
+            def all_handed(ln: Line) -> bool:
+                if ln.event in ("handed_over", "upgrade_failed") and ln.pid in live:
+                    done.add(ln.pid)
+                return done >= set(live)
+
+            if not live or d.w.wait(all_handed, mark, outcome_timeout) is None:
+                r.landed = ""
+                r.notes.append(f"old workers {sorted(set(live) - done)} never logged handed_over")
         if r.landed:
             r.t_fault = time.time()
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(r.old_pid, signal.SIGKILL)
+            for pid in [r.old_pid, *old_workers]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if old_workers:
+                r.notes.append(f"killed -9: supervisor {r.old_pid} and workers {old_workers}")
         r.outcome = await_outcome(d, r, mark, outcome_timeout)
         if r.outcome == "ok" and r.new_pid:
             deadline = time.monotonic() + 3.0

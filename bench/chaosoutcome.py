@@ -82,6 +82,8 @@ def await_outcome(d: Deployment, r: Record, mark: int, timeout: float) -> str:
         new = d.w.since(seen)
         seen += len(new)
         for line in new:
+            if line.worker >= 0:  # a worker's own line: generations decide outcomes
+                continue
             if line.event == "takeover_serving" and line.pid != r.old_pid:
                 candidate = line
             if line.event == "upgrade_failed" and line.pid == r.old_pid:
@@ -114,6 +116,8 @@ def check_takeback(d: Deployment, r: Record, mark: int) -> None:
     pairs it ACKed): look for upgrade_child_killed after that child's takeover_serving."""
     serving_at: dict[int, float] = {}
     for x in d.w.since(mark):
+        if x.worker >= 0:
+            continue
         if x.event == "takeover_serving":
             serving_at[x.pid] = x.t
         elif x.event == "upgrade_child_killed":
@@ -126,6 +130,13 @@ def check_takeback(d: Deployment, r: Record, mark: int) -> None:
                 if r.outcome == "ok" and child == r.new_pid:
                     r.outcome = "rolled back"
                     r.successes -= 1
+
+
+def stray_workers(d: Deployment, serving: int) -> list[tuple[int, int]]:
+    """(worker pid, supervisor pid) of live workers not of the `serving` generation."""
+    with d.w.lock:
+        workers = dict(d.w.workers)
+    return [(w, s) for w, s in workers.items() if s != serving and alive(w)]
 
 
 def phase_at(d: Deployment, r: Record, mark: int) -> str:
@@ -164,6 +175,16 @@ def settle(d: Deployment, r: Record) -> None:
         phase = d.w.phase_of(pid, "?")
         r.strays.append(f"pid {pid} ({proc_title(pid)!r}, state {proc_state(pid)}, "
                         f"last phase {phase})")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        kill_pid(pid, timeout=2.0, sig=signal.SIGKILL)
+    # Workers: only the serving generation's may outlive this (an old generation's workers
+    # exit before it does; a dead supervisor's must follow it).
+    while time.monotonic() < deadline and stray_workers(d, serving):
+        time.sleep(0.02)
+    for pid, sup in stray_workers(d, serving):
+        r.strays.append(f"worker pid {pid} of generation {sup} ({'alive' if alive(sup) else 'gone'}"
+                        f"; {proc_title(pid)!r}, state {proc_state(pid)})")
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
         kill_pid(pid, timeout=2.0, sig=signal.SIGKILL)

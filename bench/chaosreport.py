@@ -199,6 +199,10 @@ def report(rows: list[Row], problems: list[str], result: dict[str, Any],
         table.append([x.kind, x.count, x.ok, x.rolled_back, x.stopped, x.other, x.errors,
                       x.expected, x.max_serving, x.blips, x.zero_samples,
                       fmt(x.longest_zero_ms, 0), fmt(x.worst_stall_ms, 0), x.strays])
+    chosen = a.kinds.split(",") if a.kinds else KINDS
+    for k in KINDS:
+        if k not in chosen:
+            table.append([f"{k} (not scheduled: --kinds)", *["-"] * 13])
     tot = Row("total")
     for x in rows:
         for k in ("count", "ok", "rolled_back", "stopped", "other", "errors", "expected",
@@ -210,8 +214,9 @@ def report(rows: list[Row], problems: list[str], result: dict[str, Any],
     table.append([tot.kind, tot.count, tot.ok, tot.rolled_back, tot.stopped, tot.other,
                   tot.errors, tot.expected, tot.max_serving, tot.blips, tot.zero_samples,
                   fmt(tot.longest_zero_ms, 0), fmt(tot.worst_stall_ms, 0), tot.strays])
-    print_table(f"Chaos soak: {len(result['upgrades'])} upgrades in {result['seconds']:g}s, seed "
-                f"{a.seed}, upgrade_timeout {a.upgrade_timeout:g}s, drain_timeout "
+    print_table(f"Chaos soak: {len(result['upgrades'])} upgrades in {result['seconds']:g}s, "
+                f"{a.workers} worker(s) per generation, seed {a.seed}, upgrade_timeout "
+                f"{a.upgrade_timeout:g}s, drain_timeout "
                 f"{a.drain_timeout:g}s, {tot.samples} samples every {a.sample_ms:g} ms "
                 f"({machine_note()})",
                 ["fault", "count", "ok", "rolled back", "stopped", "other", "errors",

@@ -3,6 +3,11 @@ counts the generations serving.
 
 "Serving" is defined in bench/chaos.py's docstring: a live, not stopped process whose latest
 `event=phase` line says it accepts.
+
+With workers (`[proxy] workers` > 1) a generation is its supervisor: the pid in the pidfile,
+the one whose phase lines count. A worker's own lines (its pid is one a supervisor logged as
+`worker_pid` in `worker_spawned` / `worker_restarted`) are kept in the same list, marked with
+`worker` and `sup` (its supervisor), and count neither as a generation nor as its phase.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from bench.common import alive, log_time
 # The phases in which a generation accepts: the old side does until just before RELEASED.
 ACCEPTING = {"serving", "spawning", "handshake", "wait_ready", "handover"}
 
+SERVING_TITLE = re.compile(r"generation \d+ serving( \(\d+ workers\))?$")
 LINE_RX = re.compile(r"^(\S+) level=(\w+) event=(\S+) gen=(\d+) pid=(\d+)(.*)$")
 FIELD_RX = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
 
@@ -30,6 +36,8 @@ class Line:
     event: str
     pid: int
     fields: dict[str, str]
+    worker: int = -1  # a worker process's own line: its index (-1: a generation's line)
+    sup: int = 0  # ... and its supervisor's pid
 
 
 class LogWatch:
@@ -43,6 +51,7 @@ class LogWatch:
         self.lines: list[Line] = []
         self.phase: dict[int, str] = {}
         self.pids: set[int] = set()
+        self.workers: dict[int, int] = {}  # worker pid -> its supervisor's pid
         self.lock = threading.Lock()
 
     def poll(self) -> int:
@@ -69,9 +78,17 @@ class LogWatch:
         except ValueError:
             return
         fields = {k: v.strip('"') for k, v in FIELD_RX.findall(m.group(6))}
-        line = Line(len(self.lines), t, m.group(3), int(m.group(5)), fields)
+        pid = int(m.group(5))
+        line = Line(len(self.lines), t, m.group(3), pid, fields)
+        if pid in self.workers:
+            line.worker, line.sup = int(fields.get("worker", "0")), self.workers[pid]
+            self.lines.append(line)
+            return
         self.lines.append(line)
         self.pids.add(line.pid)
+        if line.event in ("worker_spawned", "worker_restarted") and \
+                fields.get("worker_pid", "").isdigit():
+            self.workers[int(fields["worker_pid"])] = pid
         if line.event == "phase":
             self.phase[line.pid] = fields.get("phase", "")
         if "child_pid" in fields and fields["child_pid"].isdigit():
@@ -84,6 +101,11 @@ class LogWatch:
 
     def mark(self) -> int:
         return self.poll()
+
+    def workers_of(self, sup: int) -> list[int]:
+        """Every worker pid generation `sup` ever logged (live or not)."""
+        with self.lock:
+            return sorted(w for w, s in self.workers.items() if s == sup)
 
     def phase_of(self, pid: int, default: str = "") -> str:
         """The phase of `pid`'s latest phase line."""
@@ -164,7 +186,8 @@ class Sampler(threading.Thread):
         with self.watch.lock:
             phases = dict(self.watch.phase)
         serving = [p for p in live if phases.get(p) in ACCEPTING and proc_state(p) not in "TtZ"]
-        titles = sum(1 for p in live if proc_title(p).endswith(" serving"))
+        # (a supervisor's title is "... serving (N workers)"; workers are not in `live`)
+        titles = sum(1 for p in live if SERVING_TITLE.search(proc_title(p)))
         return Sample(t, serving, len(serving) == 1 and serving[0] == pf, titles)
 
     def run(self) -> None:

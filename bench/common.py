@@ -32,13 +32,14 @@ import select
 import shutil
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -182,6 +183,86 @@ def cpu_seconds(pid: int) -> float:
     except (OSError, IndexError):
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime + stime, stime) of `pid` so far, in seconds ((0, 0) once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick, int(fields[12]) / tick
+
+
+def proc_children(pid: int) -> set[int]:
+    """The live children of `pid`, from /proc/PID/task/*/children (empty once it is gone)."""
+    out: set[int] = set()
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out.update(int(x) for x in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return {p for p in out if pidfile.alive(p)}
+
+
+@dataclass
+class CpuSplit:
+    """CPU seconds a proxy generation used over an interval: its entry process (the
+    supervisor when it has workers, else the one process serving) and each worker."""
+
+    main_s: float = 0.0
+    main_sys_s: float = 0.0
+    workers_s: dict[int, float] = field(default_factory=dict)  # worker pid -> CPU seconds
+    workers_sys_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.main_s + sum(self.workers_s.values())
+
+    @property
+    def sys_s(self) -> float:
+        return self.main_sys_s + self.workers_sys_s
+
+    @property
+    def serving_s(self) -> float:
+        """CPU of the processes that serve traffic: the workers, or the one process."""
+        return sum(self.workers_s.values()) if self.workers_s else self.main_s
+
+
+class CpuMeter:
+    """utime + stime of a generation's processes between `start()` and `stop()`: the entry
+    pid plus every worker seen at either end (a worker started meanwhile counts from 0, one
+    gone meanwhile counts up to its last reading: read before it exits, else lost)."""
+
+    def __init__(self, pid: int, workers: Callable[[], set[int]]) -> None:
+        self.pid = pid
+        self.workers = workers
+        self.t0: dict[int, tuple[float, float]] = {}
+
+    def _read(self) -> dict[int, tuple[float, float]]:
+        return {p: cpu_split(p) for p in {self.pid, *self.workers()}}
+
+    def start(self) -> None:
+        self.t0 = self._read()
+
+    def stop(self) -> CpuSplit:
+        now = self._read()
+        out = CpuSplit()
+        for p, (cpu, sys_s) in now.items():
+            c0, s0 = self.t0.get(p, (0.0, 0.0))
+            if p == self.pid:
+                out.main_s, out.main_sys_s = cpu - c0, sys_s - s0
+            else:
+                out.workers_s[p] = cpu - c0
+                out.workers_sys_s += sys_s - s0
+        return out
 
 
 def sched_seconds(pid: int) -> tuple[float, float] | None:
@@ -450,7 +531,22 @@ class Upgrade:
     #                                generation started, took the listeners and said READY)
     old_cpu_ms: float = float("nan")  # the old generation, SIGUSR2 -> exit: time on a CPU
     old_wait_ms: float = float("nan")  # ... and time runnable but waiting for one (busy machine)
+    # With workers (> 1): the old generation's supervisor moves nothing itself; each old
+    # worker hands its connections to a new worker in parallel. Then `moved` and `done_moved`
+    # are the sums over the old workers, `handover_ms` is the longest of their handover_ms,
+    # `handover_span_ms` runs from the first worker's RELEASED to the last one's handed_over
+    # (log timestamps, ms), and old_cpu_ms / old_wait_ms sum the supervisor and its workers.
+    workers: int = 1
+    worker_moved: list[int] = field(default_factory=list)
+    worker_handover_ms: list[float] = field(default_factory=list)
+    handover_span_ms: float = float("nan")
 
+
+    @property
+    def generation_handover_ms(self) -> float:
+        """The generation's handover: the one process's handover_ms, or with workers the span
+        from the first old worker's RELEASED to the last one's handed_over."""
+        return self.handover_span_ms if self.workers > 1 else self.handover_ms
 
     @property
     def serving_ms(self) -> float:
@@ -472,8 +568,10 @@ class ProxyProcess(Service):
 
     def __init__(self, listeners: list[dict[str, Any]], upstreams: dict[str, dict[str, Any]],
                  *, proxy_opts: dict[str, Any] | None = None, metrics: bool = True,
-                 nofile: int = 0, python: str | None = None, root: Path | None = None) -> None:
+                 nofile: int = 0, python: str | None = None, root: Path | None = None,
+                 workers: int = 1) -> None:
         super().__init__()
+        self.workers = workers
         self.python = python or sys.executable
         self.root = root or ROOT
         self.listeners = listeners
@@ -486,6 +584,7 @@ class ProxyProcess(Service):
         self.pids: set[int] = set()
         section = {"pidfile": "proxy.pid", "takeover_socket": "proxy.takeover",
                    "drain_timeout": 30.0, "upgrade_timeout": 60.0, "log_level": "info",
+                   **({"workers": workers} if workers != 1 else {}),  # (older trees: no key)
                    **(proxy_opts or {})}
         out = ["[proxy]"] + [f"{k} = {toml_value(v)}" for k, v in section.items()]
         if metrics:
@@ -510,7 +609,29 @@ class ProxyProcess(Service):
         if self.metrics:
             self.metrics_port = int(self.wait_log(r"event=metrics_listening .*addr=\S+:(\d+)",
                                                   5.0).group(1))
+        if self.workers > 1:
+            self.wait_log(rf"event=workers_serving gen=1 pid={proc.pid} ", timeout)
         return self
+
+    def worker_pids(self, sup: int | None = None) -> dict[int, int]:
+        """{worker index: pid} of the live workers of generation `sup` (default: the serving
+        one), from its `worker_spawned` / `worker_restarted` lines; empty without workers."""
+        sup = self.serving_pid() if sup is None else sup
+        if not sup:
+            return {}
+        out: dict[int, int] = {}
+        for k, wpid in re.findall(rf"event=worker_(?:spawned|restarted) gen=\d+ pid={sup} "
+                                  rf"worker=(\d+) worker_pid=(\d+)", self.text()):
+            out[int(k)] = int(wpid)  # a restart replaces the index's pid (lines in order)
+        kids = proc_children(sup)
+        return {k: p for k, p in out.items() if p in kids}
+
+    def meter(self, sup: int | None = None) -> CpuMeter:
+        """A CpuMeter of generation `sup` (default: the serving one) and its workers."""
+        pid = self.serving_pid() if sup is None else sup
+        if not pid:
+            raise RuntimeError(f"proxy: no serving pid; log tail:\n{tail(self.log)}")
+        return CpuMeter(pid, lambda: set(self.worker_pids(pid).values()))
 
     # ---- logs ------------------------------------------------------------------------------
 
@@ -560,16 +681,22 @@ class ProxyProcess(Service):
         if old is None:
             raise RuntimeError(f"proxy: no serving pid; log tail:\n{tail(self.log)}")
         up = Upgrade(old)
+        old_workers = self.worker_pids(old)
+        up.workers = max(1, len(old_workers))
+        procs = [old, *old_workers.values()]
         mark = self.log_size()
-        sched0 = sched_last = sched_seconds(old)
+        sched0 = {p: sched_seconds(p) for p in procs}
+        sched_last = dict(sched0)
         sched_at = 0.0
         up.t_signal = time.monotonic()
         os.kill(old, signal.SIGUSR2)
         deadline = up.t_signal + timeout
         while time.monotonic() < deadline:
             now = time.monotonic()
-            if sched0 is not None and now - sched_at >= 0.005:  # the last reading before it exits
-                sched_last, sched_at = sched_seconds(old) or sched_last, now
+            if now - sched_at >= 0.005:  # the last reading of each before it exits
+                for p in procs:
+                    sched_last[p] = sched_seconds(p) or sched_last[p]
+                sched_at = now
             if not up.t_serving:
                 pid = self.serving_pid()
                 if pid is not None and pid != old:
@@ -585,10 +712,13 @@ class ProxyProcess(Service):
         m = self.wait_log(rf"event=handed_over gen=\d+ pid={old} moved=(\d+) "
                           rf"handover_ms=([\d.]+)", 5.0, mark)
         up.moved, up.handover_ms = int(m.group(1)), float(m.group(2))
-        if sched0 is not None and sched_last is not None:
-            up.old_cpu_ms = (sched_last[0] - sched0[0]) * 1000
-            up.old_wait_ms = (sched_last[1] - sched0[1]) * 1000
+        pairs = [(sched0[p], sched_last[p]) for p in procs]
+        if all(a is not None and b is not None for a, b in pairs):
+            up.old_cpu_ms = sum(b[0] - a[0] for a, b in pairs if a and b) * 1000
+            up.old_wait_ms = sum(b[1] - a[1] for a, b in pairs if a and b) * 1000
         text = self.text(mark)
+        if old_workers:
+            self._worker_handover(up, old_workers, mark)
         spawning = re.search(rf"^(\S+) level=info event=phase gen=\d+ pid={old} phase=spawning",
                              text, re.M)
         handover = re.search(rf"^(\S+) level=info event=phase gen=\d+ pid={old} phase=released",
@@ -596,10 +726,42 @@ class ProxyProcess(Service):
         if spawning and handover:
             up.boot_ms = (log_time(handover.group(1)) - log_time(spawning.group(1))) * 1000
         d = re.search(rf"event=phase gen=\d+ pid={old} .*phase=done moved=(\d+)", self.text(mark))
-        if d:
+        if d and not old_workers:
             up.done_moved = int(d.group(1))
         self.wait_log(rf"event=takeover_done gen=\d+ pid={up.new_pid}", 10.0, mark)
         return up
+
+    def _worker_handover(self, up: Upgrade, workers: dict[int, int], mark: int) -> None:
+        """Fill `up`'s handover fields from the old workers' own lines (see Upgrade)."""
+        handed: dict[int, re.Match[str]] = {}
+        deadline = time.monotonic() + 10.0
+        while len(handed) < len(workers) and time.monotonic() < deadline:
+            for m in re.finditer(r"^(\S+) level=info event=handed_over gen=\d+ pid=(\d+) "
+                                 r"worker=\d+ moved=(\d+) handover_ms=([\d.]+)",
+                                 self.text(mark), re.M):
+                if int(m.group(2)) in workers.values():
+                    handed[int(m.group(2))] = m
+            time.sleep(0.02)
+        if len(handed) < len(workers):
+            raise RuntimeError(f"proxy: only {len(handed)} of the {len(workers)} old workers "
+                               f"logged handed_over; log tail:\n{tail(self.log)}")
+        text = self.text(mark)
+        by_pid = sorted(handed.items(), key=lambda kv: kv[0])
+        up.worker_moved = [int(m.group(3)) for _, m in by_pid]
+        up.worker_handover_ms = [float(m.group(4)) for _, m in by_pid]
+        up.moved = sum(up.worker_moved)
+        up.handover_ms = max(up.worker_handover_ms)
+        released = [log_time(m.group(1)) for m in re.finditer(
+            r"^(\S+) level=info event=phase gen=\d+ pid=(\d+) worker=\d+ phase=released",
+            text, re.M) if int(m.group(2)) in workers.values()]
+        if released:
+            last = max(log_time(m.group(1)) for m in handed.values())
+            up.handover_span_ms = (last - min(released)) * 1000
+        done = [int(m.group(2)) for m in re.finditer(
+            r"event=phase gen=\d+ pid=(\d+) worker=\d+ phase=done moved=(\d+)", text)
+            if int(m.group(1)) in workers.values()]
+        if len(done) == len(workers):
+            up.done_moved = sum(done)
 
     def stop(self) -> None:
         """Stop every generation this deployment ran (pids from the log and the pidfile)."""
@@ -657,6 +819,105 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[obje
     for r in cells[1:]:
         print(line(r))
     sys.stdout.flush()
+
+
+@dataclass
+class ScalePoint:
+    """One measurement of our proxy with `workers` workers under a fixed load."""
+
+    workers: int
+    rps: float
+    requests: int
+    cpu: CpuSplit
+    wall_s: float
+    round: int = 0  # points of the same round ran back to back (per-round ratios)
+
+    @property
+    def us_per_req(self) -> float:
+        """All of the generation's CPU (supervisor + workers) per request, in µs."""
+        return self.cpu.total_s / self.requests * 1e6 if self.requests else float("nan")
+
+    @property
+    def us_per_req_worker(self) -> float:
+        """The serving processes' CPU per request, in µs: what one request costs the worker
+        that served it (with one worker: the one process)."""
+        return self.cpu.serving_s / self.requests * 1e6 if self.requests else float("nan")
+
+
+def _span(values: Sequence[float], digits: int) -> str:
+    lo, hi = min(values), max(values)
+    med = statistics.median(values)
+    if len(values) == 1 or fmt(lo, digits) == fmt(hi, digits):
+        return fmt(med, digits)
+    return f"{fmt(med, digits)} ({fmt(lo, digits)}-{fmt(hi, digits)})"
+
+
+GOAL_SCALING = 1.6  # 2 workers vs 1, same load (issue 10)
+CPU_GROWTH_TOLERANCE = 1.10  # CPU per request per worker "does not grow": within 10%
+
+
+def print_scaling(title: str, points: Sequence[ScalePoint]) -> list[str]:
+    """The worker scaling table (medians over the rounds, min-max in brackets); returns the
+    goal verdict lines (also printed)."""
+    by: dict[int, list[ScalePoint]] = {}
+    for pt in points:
+        by.setdefault(pt.workers, []).append(pt)
+    if not by:
+        return []
+
+    def med(vals: list[float]) -> float:
+        return statistics.median(vals)
+
+    base_n = min(by)
+    base_rps = med([p.rps for p in by[base_n]])
+    base_cpu = med([p.us_per_req_worker for p in by[base_n]])
+    rows = []
+    for n in sorted(by):
+        pts = by[n]
+        rps = [p.rps for p in pts]
+        share = [100 * p.cpu.main_s / p.cpu.total_s if p.cpu.total_s else 0.0 for p in pts]
+        split = []
+        for p in pts:
+            ws = sorted(p.cpu.workers_s.values(), reverse=True)
+            tot = sum(ws)
+            split.append("/".join(f"{100 * w / tot:.0f}" for w in ws) if tot else "-")
+        rows.append([n, len(pts), _span(rps, 0), ratio(med(rps), base_rps),
+                     _span([100 * p.cpu.total_s / p.wall_s for p in pts], 0),
+                     _span(share, 1) if n > 1 else "-",
+                     _span([p.us_per_req for p in pts], 1),
+                     _span([p.us_per_req_worker for p in pts], 1),
+                     ratio(med([p.us_per_req_worker for p in pts]), base_cpu),
+                     " ".join(split) if n > 1 else "-"])
+    print_table(title, ["workers", "runs", "req/s", f"vs {base_n}w", "proxy CPU%",
+                        "supervisor %", "CPU/req all us", "CPU/req/worker us", f"vs {base_n}w",
+                        "worker CPU split %"], rows)
+    print("proxy CPU%: the supervisor and every worker together (100% = one core); supervisor "
+          "%: its share of that; CPU/req all: that CPU / requests completed; CPU/req/worker: "
+          "the workers' CPU only / requests (what a request costs the worker serving it; with 1 "
+          "worker the one process); worker CPU split: each worker's share of the workers' CPU, "
+          "per run (even = the accepts were balanced); medians, min-max in brackets")
+    verdicts = []
+    if len(by) > 1:
+        for n in sorted(by):
+            if n == base_n:
+                continue
+            r = med([p.rps for p in by[n]]) / base_rps if base_rps else float("nan")
+            c = med([p.us_per_req_worker for p in by[n]]) / base_cpu if base_cpu else float("nan")
+            rounds = {p.round for p in points}
+            per_round = [
+                f"{by_round[n] / by_round[base_n]:.2f}x" for rnd in sorted(rounds)
+                if (by_round := {p.workers: p.rps for p in points if p.round == rnd})
+                and n in by_round and base_n in by_round and by_round[base_n]]
+            line = f"{n}w/{base_n}w rate {r:.2f}x (ratio of medians"
+            line += f"; by round: {', '.join(per_round)})" if len(per_round) > 1 else ")"
+            if n == 2 and base_n == 1:
+                line += f" (goal >= {GOAL_SCALING:g}x: {'met' if r >= GOAL_SCALING else 'NOT met'})"
+            line += (f"; CPU/req/worker {c:.2f}x of {base_n}w (goal: not growing, within "
+                     f"{CPU_GROWTH_TOLERANCE:.2f}x: {'met' if c <= CPU_GROWTH_TOLERANCE else 'NOT met'})")
+            verdicts.append(line)
+            print(line)
+    sys.stdout.flush()
+    return verdicts
 
 
 def percentile(values: Sequence[float], p: float) -> float:

@@ -31,6 +31,12 @@ takes the CPU on the way out of the call: `send` shows more samples than its CPU
     python bench/http.py                      # 10 s per target
     python bench/http.py --profile            # + py-spy profile of our proxy under the load
     python bench/http.py --rounds 3 --also "mypyc=/tmp/venv-mypyc/bin/python"
+    python bench/http.py --workers 1 2 --rounds 2   # + worker scaling table
+
+`--workers 1 2` runs each of our proxies once per worker count (`[proxy] workers = N`), all in
+the same rounds under the same load, and adds a scaling table: req/s with each N and its ratio
+to 1 worker (goal: 2 workers >= 1.6x), the CPU of the supervisor and every worker together, and
+the workers' CPU per request (must not grow with N). Our proxy's CPU is always that sum.
 """
 
 from __future__ import annotations
@@ -58,12 +64,16 @@ from pathlib import Path
 from bench.common import (
     LOOPBACK,
     ROOT,
+    CpuSplit,
     Nginx,
+    ProxyProcess,
+    ScalePoint,
     become_subreaper,
     cpu_seconds,
     ensure_tools,
     fmt,
     machine_note,
+    print_scaling,
     print_table,
     ratio,
     say,
@@ -88,6 +98,10 @@ class Row:
     cpu_pct: float  # % of one core over the run
     cpu_s: float  # CPU seconds (utime + stime) over the run
     sys_s: float  # of which in the kernel (stime): syscalls, and loopback TCP work done in them
+    wall_s: float = 0.0
+    cpu: CpuSplit | None = None  # ours: supervisor and workers apart
+    workers: int = 0  # ours: the worker count
+    variant: str = ""  # ours: the --also label ("ours" for this tree)
 
     @property
     def us_per_req(self) -> float:
@@ -111,16 +125,32 @@ def tree_cpu(pid: int) -> tuple[float, float]:
     return sum(t for t, _ in times), sum(s for _, s in times)
 
 
-def measure(label: str, port: int, pid: int, args: argparse.Namespace) -> Row:
-    say(f"warm-up 1s: {label}")
-    run_wrk(port, 1.0, args.connections, args.threads)
-    say(f"wrk -t{args.threads} -c{args.connections} {args.duration:g}s: {label}")
-    cpu0, sys0 = tree_cpu(pid)
+@dataclass
+class Target:
+    label: str
+    port: int
+    pid: int
+    proxy: ProxyProcess | None = None  # ours
+    variant: str = ""
+
+
+def measure(t: Target, args: argparse.Namespace) -> Row:
+    say(f"warm-up 1s: {t.label}")
+    run_wrk(t.port, 1.0, args.connections, args.threads)
+    say(f"wrk -t{args.threads} -c{args.connections} {args.duration:g}s: {t.label}")
+    meter = t.proxy.meter() if t.proxy is not None else None
+    if meter is not None:
+        meter.start()
+    cpu0, sys0 = tree_cpu(t.pid)
     t0 = time.monotonic()
-    res = run_wrk(port, args.duration, args.connections, args.threads)
+    res = run_wrk(t.port, args.duration, args.connections, args.threads)
     wall = time.monotonic() - t0
-    cpu1, sys1 = tree_cpu(pid)
-    return Row(label, res, (cpu1 - cpu0) / wall * 100, cpu1 - cpu0, sys1 - sys0)
+    if meter is not None and t.proxy is not None:
+        split = meter.stop()
+        return Row(t.label, res, split.total_s / wall * 100, split.total_s, split.sys_s, wall,
+                   split, t.proxy.workers, t.variant)
+    cpu1, sys1 = tree_cpu(t.pid)
+    return Row(t.label, res, (cpu1 - cpu0) / wall * 100, cpu1 - cpu0, sys1 - sys0, wall)
 
 
 def h11_build(python: str, root: Path) -> str:
@@ -265,7 +295,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="measure every target N times (1)")
     ap.add_argument("--also", action="append", default=[], metavar="LABEL=PYTHON[:ROOT]",
                     help="another instance of our proxy: this interpreter, this source tree")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1], metavar="N",
+                    help="each of our proxies with each of these worker counts (1)")
     args = ap.parse_args()
+    if any(n < 1 for n in args.workers):
+        raise SystemExit("--workers: counts >= 1")
     if args.quick:
         args.duration = 3.0
     ensure_tools("wrk", "nginx", "haproxy")
@@ -283,23 +317,30 @@ def main() -> int:
     rows: list[Row] = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(started(backend))
-        targets: list[tuple[str, int, int]] = [("direct (nginx)", backend.port, backend.pid)]
+        targets = [Target("direct (nginx)", backend.port, backend.pid)]
         first = None
         for label, python, root in variants:
-            proxy = http_proxy(backend.port, args.connections, python=python, root=root)
-            stack.enter_context(started(proxy))
-            first = first or proxy
-            targets.append((f"{label}: proxy, {h11_build(python, root)}", proxy.ports["web"],
-                            proxy_pid(proxy)))
+            build = h11_build(python, root)
+            for n in args.workers:
+                proxy = http_proxy(backend.port, args.connections, python=python, root=root,
+                                   workers=n)
+                stack.enter_context(started(proxy))
+                first = first or proxy
+                say(f"{label} workers={n}: pid {proxy_pid(proxy)}, worker pids "
+                    f"{sorted(proxy.worker_pids().values())}")
+                wtag = f", {n}w" if args.workers != [1] else ""
+                targets.append(Target(f"{label}: proxy, {build}{wtag}", proxy.ports["web"],
+                                      proxy_pid(proxy), proxy, label))
         haproxy = HAProxyHttp(f"{LOOPBACK}:{backend.port}", nbthread=args.haproxy_threads)
         stack.enter_context(started(haproxy))
         hap_label = f"HAProxy (mode http, nbthread {args.haproxy_threads})"
-        targets.append((hap_label, haproxy.port, haproxy.pid))
+        targets.append(Target(hap_label, haproxy.port, haproxy.pid))
         for rnd in range(args.rounds):
-            for label, port, pid in targets:
+            for t in targets:
                 tag = f" #{rnd + 1}" if args.rounds > 1 else ""
-                rows.append(measure(label + tag, port, pid, args))
-                rows[-1].label = label  # the round number only in the progress lines
+                rows.append(measure(Target(t.label + tag, t.port, t.pid, t.proxy, t.variant),
+                                    args))
+                rows[-1].label = t.label  # the round number only in the progress lines
         direct, hap = rows[0].res, rows[len(targets) - 1].res
         print_table(
             f"HTTP/1.1 keep-alive, 6-byte body: wrk -t{args.threads} "
@@ -316,7 +357,7 @@ def main() -> int:
         for r in rows:
             per.setdefault(r.label, []).append(r.us_per_req)
         med = {label: statistics.median(v) for label, v in per.items()}
-        ours = targets[1][0]
+        ours = targets[1].label
         print_table(
             f"CPU per request of the process serving it (utime+stime / requests), "
             f"{args.rounds} round(s); ratios of medians",
@@ -333,6 +374,15 @@ def main() -> int:
               f"HAProxy/direct = {ratio(hap.rps, direct.rps)}")
         print(f"goal (<= 200 us of proxy CPU per request): median {fmt(med[ours], 1)} us -> "
               f"{'met' if med[ours] <= 200 else 'NOT met'}")
+        for label, _, _ in variants:
+            points = [ScalePoint(r.workers, r.res.rps, r.res.requests, r.cpu, r.wall_s,
+                                 k // len(targets))
+                      for k, r in enumerate(rows) if r.variant == label and r.cpu is not None]
+            if len({p.workers for p in points}) > 1:
+                print_scaling(f"worker scaling, http mode ({label}): the same load (wrk "
+                              f"-t{args.threads} -c{args.connections}), one proxy per worker "
+                              f"count, same rounds (nproc={_nproc()}, shared with wrk and nginx)",
+                              points)
         if args.profile:
             assert first is not None
             profile(first.ports["web"], proxy_pid(first), args)

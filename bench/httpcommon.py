@@ -373,14 +373,14 @@ http {{
 # ---- our proxy ---------------------------------------------------------------------------------
 
 def http_proxy(backend_port: int, conns: int, *, python: str | None = None,
-               root: Path | None = None, **listener: Any) -> ProxyProcess:
+               root: Path | None = None, workers: int = 1, **listener: Any) -> ProxyProcess:
     """Our proxy with one mode-http listener `web` (access_log off) in front of 127.0.0.1:port;
     the pool keeps up to 2 x `conns` idle upstream connections (at least the default 32).
-    `python` / `root`: see ProxyProcess."""
+    `python` / `root` / `workers`: see ProxyProcess."""
     lst = {"name": "web", "mode": "http", "upstream": "app", "access_log": False, **listener}
     return ProxyProcess([lst], {"app": {"servers": [f"{LOOPBACK}:{backend_port}"],
                                         "pool_max_idle": max(32, 2 * conns)}},
-                        python=python, root=root)
+                        python=python, root=root, workers=workers)
 
 
 def proxy_pid(p: ProxyProcess) -> int:

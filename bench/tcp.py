@@ -14,8 +14,15 @@ Every process runs on 127.0.0.1 and is stopped by pid; every run has a deadline.
 numbers depend on the machine (all of wrk, nginx, the middlebox and the sink share its cores:
 see `nproc`); the ratios, measured in the same run, are the point.
 
+`--workers 1 2` runs one proxy per worker count (`[proxy] workers = N`), all measured in the
+same run under the same load, and adds a scaling table: req/s with each N and its ratio to 1
+worker (goal: 2 workers >= 1.6x), the proxy's CPU summed over the supervisor and every worker,
+and the CPU per request of the workers (must not grow with N). `--rounds R` measures every
+request/response target R times, round-robin (the tables give medians and ranges).
+
     python bench/tcp.py --quick            # ~1 min
     python bench/tcp.py --duration 10      # default: 10 s per wrk run, 3 bulk runs each
+    python bench/tcp.py --workers 1 2 --rounds 2 --skip bulk
 """
 
 from __future__ import annotations
@@ -40,15 +47,18 @@ from dataclasses import dataclass
 from bench.common import (
     COUNT,
     LOOPBACK,
+    CpuSplit,
     HAProxy,
     Helper,
     Nginx,
     ProxyProcess,
+    ScalePoint,
     become_subreaper,
     cpu_seconds,
     ensure_tools,
     fmt,
     machine_note,
+    print_scaling,
     print_table,
     ratio,
     say,
@@ -64,6 +74,8 @@ class Target:
     label: str
     port: int
     pid: int = 0  # the middlebox, for its CPU use (0: none)
+    proxy: ProxyProcess | None = None  # ours: its CPU is the supervisor's + every worker's
+    workers: int = 0  # ours: its worker count
 
 
 @dataclass
@@ -73,6 +85,9 @@ class WrkResult:
     p99_ms: float
     errors: int
     cpu_pct: float
+    requests: int = 0
+    wall_s: float = 0.0
+    cpu: CpuSplit | None = None
 
 
 @dataclass
@@ -97,11 +112,18 @@ def run_wrk(t: Target, duration: float, conns: int, threads: int) -> WrkResult:
     assert wrk is not None
     cmd = [wrk, f"-t{threads}", f"-c{conns}", f"-d{max(1, round(duration))}s", "--latency",
            f"http://{LOOPBACK}:{t.port}/"]
+    meter = t.proxy.meter() if t.proxy is not None else None
+    if meter is not None:
+        meter.start()
     cpu0 = cpu_seconds(t.pid) if t.pid else 0.0
     t0 = time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, check=False)
     wall = time.monotonic() - t0
-    cpu = (cpu_seconds(t.pid) - cpu0) / wall * 100 if t.pid else float("nan")
+    split = meter.stop() if meter is not None else None
+    if split is not None:
+        cpu = split.total_s / wall * 100
+    else:
+        cpu = (cpu_seconds(t.pid) - cpu0) / wall * 100 if t.pid else float("nan")
     if out.returncode != 0:
         raise RuntimeError(f"wrk against {t.label} failed: {out.stderr.strip() or out.stdout}")
     text = out.stdout
@@ -115,10 +137,12 @@ def run_wrk(t: Target, duration: float, conns: int, threads: int) -> WrkResult:
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     if non2xx:
         errors += int(non2xx.group(1))
-    if not rps:
+    total = re.search(r"^\s*(\d+) requests in", text, re.M)
+    if not rps or not total:
         raise RuntimeError(f"cannot parse wrk output:\n{text}")
     return WrkResult(float(rps.group(1)), _ms(p50.group(1)) if p50 else float("nan"),
-                     _ms(p99.group(1)) if p99 else float("nan"), errors, cpu)
+                     _ms(p99.group(1)) if p99 else float("nan"), errors, cpu,
+                     int(total.group(1)), wall, split)
 
 
 # ---- (b) bulk ------------------------------------------------------------------------------
@@ -133,6 +157,9 @@ def make_source() -> int:
 
 
 def run_bulk(t: Target, total: int, src: int, timeout: float) -> BulkResult:
+    meter = t.proxy.meter() if t.proxy is not None else None
+    if meter is not None:
+        meter.start()
     cpu0 = cpu_seconds(t.pid) if t.pid else 0.0
     deadline = time.monotonic() + timeout
     t0 = time.monotonic()
@@ -156,7 +183,10 @@ def run_bulk(t: Target, total: int, src: int, timeout: float) -> BulkResult:
     (count,) = COUNT.unpack(got)
     if count != total:
         raise RuntimeError(f"bulk through {t.label}: the sink got {count} bytes, sent {total}")
-    cpu = (cpu_seconds(t.pid) - cpu0) / wall * 100 if t.pid else float("nan")
+    if meter is not None:
+        cpu = meter.stop().total_s / wall * 100
+    else:
+        cpu = (cpu_seconds(t.pid) - cpu0) / wall * 100 if t.pid else float("nan")
     return BulkResult(total / wall / 1e6, wall, cpu)
 
 
@@ -174,7 +204,13 @@ def main() -> int:
                     "is shown (3; 1 with --quick)")
     ap.add_argument("--skip", choices=["rr", "bulk"], action="append", default=[],
                     help="skip a part (repeatable)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1], metavar="N",
+                    help="our proxy with each of these worker counts, same run (1)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="request/response: measure every target N times, round-robin (1)")
     args = ap.parse_args()
+    if any(n < 1 for n in args.workers):
+        raise SystemExit("--workers: counts >= 1")
     if args.quick:
         args.duration = min(args.duration, 3.0)
         args.repeat = 1
@@ -184,29 +220,40 @@ def main() -> int:
     nginx = Nginx()
     sink = Helper("sink")
     with started(nginx, sink):
-        proxy = ProxyProcess(
+        proxies = [ProxyProcess(
             [{"name": "rr", "upstream": "nginx"},
              {"name": "bulk", "upstream": "sink"},
              {"name": "bulk_copy", "upstream": "sink", "splice": False}],
             {"nginx": {"servers": [f"{LOOPBACK}:{nginx.port}"]},
              "sink": {"servers": [f"{LOOPBACK}:{sink.port}"]}},
-            metrics=False)
+            metrics=False, workers=n) for n in args.workers]
+
+        def tag(n: int) -> str:
+            return f", {n}w" if args.workers != [1] else ""
+
         haproxy = HAProxy({"rr": (f"{LOOPBACK}:{nginx.port}", ""),
                            "bulk": (f"{LOOPBACK}:{sink.port}", ""),
                            "bulk_auto": (f"{LOOPBACK}:{sink.port}", "auto"),
                            "bulk_force": (f"{LOOPBACK}:{sink.port}", "force")})
-        with started(proxy, haproxy):
-            ppid = proxy.serving_pid() or 0
+        with started(*proxies, haproxy):
+            for proxy in proxies:
+                say(f"proxy workers={proxy.workers} pid={proxy.serving_pid()} "
+                    f"worker pids={sorted(proxy.worker_pids().values())} {proxy.ports}")
             say(f"nproc={os.cpu_count()} nginx={nginx.port} sink={sink.port} "
-                f"proxy pid={ppid} {proxy.ports} haproxy pid={haproxy.pid} {haproxy.ports}")
+                f"haproxy pid={haproxy.pid} {haproxy.ports}")
+            first = proxies[0]
             if "rr" not in args.skip:
                 rr_part(args, [Target("direct (nginx)", nginx.port),
-                               Target("proxy tcp", proxy.ports["rr"], ppid),
+                               *[Target(f"proxy tcp{tag(p.workers)}", p.ports["rr"],
+                                        p.serving_pid() or 0, p, p.workers) for p in proxies],
                                Target("HAProxy tcp", haproxy.ports["rr"], haproxy.pid)])
             if "bulk" not in args.skip:
                 bulk_part(args, [Target("direct (sink)", sink.port),
-                                 Target("proxy tcp, splice", proxy.ports["bulk"], ppid),
-                                 Target("proxy tcp, no splice", proxy.ports["bulk_copy"], ppid),
+                                 *[Target(f"proxy tcp, splice{tag(p.workers)}", p.ports["bulk"],
+                                          p.serving_pid() or 0, p, p.workers) for p in proxies],
+                                 Target(f"proxy tcp, no splice{tag(first.workers)}",
+                                        first.ports["bulk_copy"], first.serving_pid() or 0, first,
+                                        first.workers),
                                  Target("HAProxy tcp", haproxy.ports["bulk"], haproxy.pid),
                                  Target("HAProxy tcp, splice-auto", haproxy.ports["bulk_auto"],
                                         haproxy.pid),
@@ -218,24 +265,32 @@ def main() -> int:
 
 
 def rr_part(args: argparse.Namespace, targets: list[Target]) -> None:
-    results: dict[str, WrkResult] = {}
-    for t in targets:
-        say(f"wrk warm-up: {t.label}")
-        run_wrk(t, 1.0, args.connections, args.threads)
-        say(f"wrk {args.duration:g}s: {t.label}")
-        results[t.label] = run_wrk(t, args.duration, args.connections, args.threads)
-    direct = results[targets[0].label].rps
-    hap = results[targets[2].label].rps
+    results: list[tuple[Target, WrkResult]] = []
+    for rnd in range(args.rounds):
+        for t in targets:
+            tag = f" #{rnd + 1}" if args.rounds > 1 else ""
+            say(f"wrk warm-up: {t.label}{tag}")
+            run_wrk(t, 1.0, args.connections, args.threads)
+            say(f"wrk {args.duration:g}s: {t.label}{tag}")
+            results.append((t, run_wrk(t, args.duration, args.connections, args.threads)))
     rows = []
-    for t in targets:
-        r = results[t.label]
+    for k, (t, r) in enumerate(results):
+        base = k - k % len(targets)  # this round's direct and HAProxy
+        direct, hap = results[base][1].rps, results[base + len(targets) - 1][1].rps
         rows.append([t.label, fmt(r.rps, 0), fmt(r.p50_ms, 2), fmt(r.p99_ms, 2),
                      fmt(r.cpu_pct, 0), ratio(r.rps, direct), ratio(r.rps, hap), r.errors])
     print_table(f"(a) request/response: wrk -t{args.threads} -c{args.connections} "
                 f"-d{max(1, round(args.duration))}s, HTTP keep-alive through tcp mode, "
-                f"nginx 6-byte body",
+                f"nginx 6-byte body; rows in the order run ({args.rounds} round(s)); ratios "
+                f"to the same round's direct and HAProxy",
                 ["target", "req/s", "p50 ms", "p99 ms", "middlebox CPU%", "vs direct",
                  "vs HAProxy", "errors"], rows)
+    points = [ScalePoint(t.workers, r.rps, r.requests, r.cpu, r.wall_s, k // len(targets))
+              for k, (t, r) in enumerate(results) if t.proxy is not None and r.cpu is not None]
+    if len({p.workers for p in points}) > 1:
+        print_scaling(f"(a) worker scaling, tcp mode: the same load (wrk -t{args.threads} "
+                      f"-c{args.connections}), one proxy per worker count, same run "
+                      f"(nproc={os.cpu_count()}, shared with wrk and nginx)", points)
 
 
 def bulk_part(args: argparse.Namespace, targets: list[Target]) -> None:
@@ -256,8 +311,8 @@ def bulk_part(args: argparse.Namespace, targets: list[Target]) -> None:
         return rs[len(rs) // 2]
 
     direct = med(targets[0].label).mbps
-    hap = med(targets[3].label).mbps
-    hap_splice = med(targets[5].label).mbps
+    hap = med("HAProxy tcp").mbps
+    hap_splice = med("HAProxy tcp, splice forced").mbps
     rows = []
     for t in targets:
         r = med(t.label)

@@ -28,6 +28,14 @@ CAP_SYS_RESOURCE); the tables say so when that happens.
     python bench/upgrade.py --quick                      # 1000 conns, 2 upgrades
     python bench/upgrade.py                              # 1000 and 10000 conns, 5 upgrades each
     python bench/upgrade.py --conns 10000 --upgrades 10 --png upgrade.png
+    python bench/upgrade.py --conns 9900 --workers 1 2     # the same, with 1 then 2 workers
+
+`--workers 1 2` runs every case once per worker count (`[proxy] workers = N`). With workers the
+supervisor moves nothing itself: each old worker hands its connections to a new worker, in
+parallel. The handover is then the span from the first old worker's RELEASED to the last one's
+`handed_over` (log timestamps), `moved` the sum over the old workers, the old generation's CPU
+the supervisor's and every worker's, and a last table compares each N with 1 worker (goal: 2
+workers' handover <= 0.6x one worker's).
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ import contextlib
 import errno
 import heapq
 import json
+import os
 import random
 import re
 import select
@@ -63,7 +72,6 @@ from bench.common import (
     ProxyProcess,
     Upgrade,
     become_subreaper,
-    cpu_seconds,
     fmt,
     kill_pid,
     machine_note,
@@ -71,6 +79,7 @@ from bench.common import (
     percentile,
     print_table,
     raise_nofile,
+    ratio,
     read_line,
     say,
 )
@@ -347,6 +356,8 @@ class ClientResult:
 class Case:
     requested: int
     conns: int
+    workers: int = 1
+    spread: list[int] = field(default_factory=list)  # per worker: connections held at the start
     ready_at: float = 0.0
     baseline_p50: float = float("nan")
     baseline_p99: float = float("nan")
@@ -445,15 +456,26 @@ def _merge(results: list[ClientResult]) -> ClientResult:
     return out
 
 
-def run_case(requested: int, args: argparse.Namespace, ceiling: int) -> Case:
+def socket_count(pid: int) -> int:
+    """Sockets open in `pid` (a worker holds 2 per proxied connection)."""
+    n = 0
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                    n += 1
+    return n
+
+
+def run_case(requested: int, args: argparse.Namespace, ceiling: int, workers: int = 1) -> Case:
     conns = min(requested, (ceiling - FD_MARGIN) // 2)
-    case = Case(requested, conns)
+    case = Case(requested, conns, workers)
     if conns < requested:
         case.note = (f"{requested} requested; RLIMIT_NOFILE cannot go above {ceiling} here "
                      f"(hard limit, no CAP_SYS_RESOURCE) and the proxy needs 2 fds per "
                      f"connection: ran {conns}")
         say(case.note)
-    say(f"--- {conns} connections: echo backend, proxy, client")
+    say(f"--- {conns} connections, {workers} worker(s): echo backend, proxy, client")
     workdir = Path(tempfile.mkdtemp(prefix="bench-upgrade-"))
     echo = Helper("echo", nofile=min(ceiling, conns + 1024))
     proxy: ProxyProcess | None = None
@@ -464,7 +486,8 @@ def run_case(requested: int, args: argparse.Namespace, ceiling: int) -> Case:
             [{"name": "echo", "upstream": "echo", "backlog": 4096,
               "max_connections": conns + 1000, "idle_timeout": 0.0}],
             {"echo": {"servers": [f"{LOOPBACK}:{echo.port}"]}},
-            proxy_opts={"drain_timeout": 30.0, "upgrade_timeout": 60.0}, nofile=ceiling)
+            proxy_opts={"drain_timeout": 30.0, "upgrade_timeout": 60.0}, nofile=ceiling,
+            workers=workers)
         proxy.start()
         clients = Clients(proxy.ports["echo"], conns, args.client_procs, args.rate,
                           args.timeout, workdir)
@@ -473,17 +496,24 @@ def run_case(requested: int, args: argparse.Namespace, ceiling: int) -> Case:
         case.ready_at = time.monotonic()
         say(f"{ready}/{conns} streams up in {case.ready_at - t0:.1f}s; baseline "
             f"{args.warmup:g}s at {args.rate:g} bursts/s")
-        pid = proxy.serving_pid() or 0
-        cpu0 = cpu_seconds(pid)
+        if workers > 1:
+            wp = proxy.worker_pids()
+            case.spread = [socket_count(wp[k]) // 2 for k in sorted(wp)]
+            say(f"connections per worker (sockets / 2): {case.spread}")
+        meter = proxy.meter()
+        meter.start()
         time.sleep(args.warmup)
-        case.baseline_cpu = (cpu_seconds(pid) - cpu0) / args.warmup * 100
+        case.baseline_cpu = meter.stop().total_s / args.warmup * 100
         for k in range(args.upgrades):
             up = proxy.upgrade(timeout=120.0, poll=0.001)
             case.upgrades.append(up)
+            per = (f" (per worker: moved {up.worker_moved}, handover_ms "
+                   f"{up.worker_handover_ms}, span {up.handover_span_ms:.0f} ms)"
+                   if up.workers > 1 else "")
             say(f"upgrade {k + 1}/{args.upgrades}: pid {up.old_pid} -> {up.new_pid}: serving "
                 f"after {up.serving_ms:.0f} ms, old gone after {up.exit_ms:.0f} ms, handover "
-                f"{up.handover_ms:g} ms for {up.moved} conns (old generation: cpu "
-                f"{up.old_cpu_ms:.0f} ms, waited for a cpu {up.old_wait_ms:.0f} ms)")
+                f"{up.generation_handover_ms:g} ms for {up.moved} conns{per} (old generation: "
+                f"cpu {up.old_cpu_ms:.0f} ms, waited for a cpu {up.old_wait_ms:.0f} ms)")
             time.sleep(args.settle)
         case.result = _merge(clients.stop(timeout=args.timeout + 30))
     finally:
@@ -533,20 +563,25 @@ def report(cases: list[Case], args: argparse.Namespace) -> None:
         for k, (up, st, ne) in enumerate(zip(c.upgrades, c.stalls, c.upgrade_errors,
                                              strict=True)):
             late = up.done_moved - up.moved if up.done_moved >= 0 else 0
-            rows.append([c.conns, k + 1, fmt(up.boot_ms, 0), fmt(up.handover_ms),
+            rows.append([c.conns, c.workers, k + 1, fmt(up.boot_ms, 0),
+                         fmt(up.generation_handover_ms),
+                         "/".join(str(m) for m in up.worker_moved) or "-",
                          fmt(up.serving_ms), fmt(up.exit_ms), fmt(up.old_cpu_ms, 0),
                          fmt(up.old_wait_ms, 0), up.moved, late, len(st),
                          ms(percentile(st, 50)), ms(percentile(st, 99)),
                          ms(max(st) if st else float("nan")), ne])
     print_table(f"Upgrades under load (tcp mode, {args.rate:g} echo bursts/s over all streams; "
                 f"times in ms; {machine_note()})",
-                ["conns", "#", "boot", "handover", "SIGUSR2->serving", "SIGUSR2->old exit",
+                ["conns", "workers", "#", "boot", "handover", "moved per worker",
+                 "SIGUSR2->serving", "SIGUSR2->old exit",
                  "old cpu", "old runq wait", "moved", "late", "sampled", "stall p50", "stall p99",
                  "stall max", "errors"],
                 rows)
     print("boot: spawning -> released phase (the new generation started, holds the listeners, "
           "said READY); handover: the old side's handover_ms (pause + send + ACK of every pair, "
-          "from RELEASED on); old cpu / old runq wait: the old generation's time on a CPU and "
+          "from RELEASED on; with workers: from the first old worker's RELEASED to the last "
+          "one's handed_over, each worker moving its own connections in parallel); old cpu / "
+          "old runq wait (with workers: supervisor + workers summed): the old generation's time on a CPU and "
           "time runnable but waiting for a CPU from SIGUSR2 to its exit (/proc/PID/schedstat): a "
           "wait that grows while the cpu does not means a busy machine, not more work; "
           "late: pairs moved after RELEASED; sampled: streams with a burst in "
@@ -555,29 +590,71 @@ def report(cases: list[Case], args: argparse.Namespace) -> None:
     rows = []
     for c in cases:
         pooled = [x for st in c.stalls for x in st]
-        handover = max((u.handover_ms for u in c.upgrades), default=float("nan"))
+        handover = max((u.generation_handover_ms for u in c.upgrades), default=float("nan"))
         serving = percentile([u.serving_ms for u in c.upgrades], 50)
         p99 = percentile(pooled, 99) * 1000
         verdict = "PASS" if (handover <= GOAL_HANDOVER_MS and p99 <= GOAL_P99_STALL_MS
                              and not c.errors) else "FAIL"
-        rows.append([c.conns, len(c.upgrades), ms(c.baseline_p50), ms(c.baseline_p99),
+        rows.append([c.conns, c.workers, "/".join(map(str, c.spread)) or "-", len(c.upgrades),
+                     ms(c.baseline_p50), ms(c.baseline_p99),
                      fmt(c.baseline_cpu, 0), fmt(serving), fmt(handover),
                      ms(percentile(pooled, 50)), fmt(p99), ms(max(pooled, default=float("nan"))),
                      len(c.errors), verdict])
     print_table(f"Summary (goal: handover <= {GOAL_HANDOVER_MS:g} ms, p99 stall <= "
                 f"{GOAL_P99_STALL_MS:g} ms, 0 errors; times in ms)",
-                ["conns", "upgrades", "base rtt p50", "base rtt p99", "proxy CPU%",
+                ["conns", "workers", "conns per worker", "upgrades", "base rtt p50",
+                 "base rtt p99", "proxy CPU%",
                  "serving (median)", "handover (max)", "stall p50", "stall p99", "stall max",
                  "errors", "goal"], rows)
+    compare_workers(cases)
     for c in cases:
         if c.note:
             print(f"note: {c.note}")
         if c.log_problems:
-            print(f"proxy log warnings/errors ({c.conns} conns): {c.log_problems}")
+            print(f"proxy log warnings/errors ({c.conns} conns, {c.workers}w): "
+                  f"{c.log_problems}")
         for e in c.errors[:10]:
-            print(f"error ({c.conns} conns): stream {e['stream']} {e['kind']}: {e['detail']}")
+            print(f"error ({c.conns} conns, {c.workers}w): stream {e['stream']} {e['kind']}: {e['detail']}")
         if len(c.errors) > 10:
             print(f"... and {len(c.errors) - 10} more errors")
+
+
+GOAL_WORKER_HANDOVER = 0.6  # 2 workers' handover <= 0.6x one worker's (issue 10)
+
+
+def compare_workers(cases: list[Case]) -> None:
+    """Per connection count with more than one worker count: each N against 1 worker."""
+    by: dict[int, dict[int, Case]] = {}
+    for c in cases:
+        by.setdefault(c.conns, {})[c.workers] = c
+    rows = []
+    verdicts = []
+    for conns, per in by.items():
+        if len(per) < 2 or 1 not in per:
+            continue
+        base = percentile([u.generation_handover_ms for u in per[1].upgrades], 50)
+        for n in sorted(per):
+            c = per[n]
+            hs = [u.generation_handover_ms for u in c.upgrades]
+            med = percentile(hs, 50)
+            pooled = [x for st in c.stalls for x in st]
+            cpu = percentile([u.old_cpu_ms for u in c.upgrades], 50)
+            rows.append([conns, n, len(hs), fmt(med, 0),
+                         f"{fmt(min(hs, default=float('nan')), 0)}-"
+                         f"{fmt(max(hs, default=float('nan')), 0)}",
+                         ratio(med, base), fmt(cpu, 0), ms(percentile(pooled, 99)),
+                         ms(max(pooled, default=float("nan"))), len(c.errors)])
+            if n == 2:
+                ok = med <= GOAL_WORKER_HANDOVER * base
+                verdicts.append(f"{conns} conns: 2w/1w handover {ratio(med, base)} (goal <= "
+                                f"{GOAL_WORKER_HANDOVER:g}x: {'met' if ok else 'NOT met'})")
+    if not rows:
+        return
+    print_table("Handover by worker count (median over the upgrades; ms)",
+                ["conns", "workers", "upgrades", "handover median", "handover min-max",
+                 "vs 1w", "old gen cpu median", "stall p99", "stall max", "errors"], rows)
+    for v in verdicts:
+        print(v)
 
 
 def plot(cases: list[Case], path: str) -> None:
@@ -611,7 +688,8 @@ def plot(cases: list[Case], path: str) -> None:
         ax.set_xlim(left=-0.5)
         ax.set_xlabel("seconds since all streams were up")
         ax.set_ylabel("echo round-trip (ms)")
-        ax.set_title(f"{c.conns} connections, {len(c.upgrades)} upgrades, {len(c.errors)} errors")
+        ax.set_title(f"{c.conns} connections, {c.workers} worker(s), {len(c.upgrades)} upgrades, "
+                     f"{len(c.errors)} errors")
         ax.legend(loc="upper right", markerscale=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -635,7 +713,11 @@ def main() -> int:
     ap.add_argument("--client-procs", type=int, default=1, help="client processes (1)")
     ap.add_argument("--png", metavar="PATH", help="plot echo latency over time (matplotlib)")
     ap.add_argument("--quick", action="store_true", help="1000 connections, 2 upgrades")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1], metavar="N",
+                    help="run every case with each of these worker counts (1)")
     args = ap.parse_args()
+    if any(n < 1 for n in args.workers):
+        raise SystemExit("--workers: counts >= 1")
     if args.quick:
         args.conns = [1000]
         args.upgrades = min(args.upgrades, 2)
@@ -645,7 +727,7 @@ def main() -> int:
     say(machine_note())
     raise_nofile(4096)
     ceiling = nofile_ceiling()
-    cases = [run_case(n, args, ceiling) for n in args.conns]
+    cases = [run_case(n, args, ceiling, w) for n in args.conns for w in args.workers]
     report(cases, args)
     if args.png:
         plot(cases, args.png)
