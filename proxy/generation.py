@@ -9,7 +9,6 @@ then serves until a graceful stop or until it has handed everything to the next 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import signal
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from proxy import __version__, log, metrics_http, notify, pidfile
+from proxy import __version__, log, metrics_http, notify, pidfile, sigdispatch
 from proxy.adopt import (
     WORKER_CHANNEL,
     Options,
@@ -65,7 +64,6 @@ async def run(cfg: Config, argv: list[str], takeover: bool, spec: WorkerSpec | N
             if spec is not None else None)
     exit_now = trio.Event()
     code = EXIT_OK
-    stop_requested = False
     takeover_scope = trio.CancelScope()
     notify.title("generation ? starting")
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR2) as sigs:
@@ -166,30 +164,6 @@ async def run(cfg: Config, argv: list[str], takeover: bool, spec: WorkerSpec | N
                     pidfile.remove_if_mine(cfg.proxy.pidfile)
                 exit_now.set()
 
-            async def signals() -> None:
-                nonlocal stop_requested
-                async for sig in sigs:
-                    if sig == signal.SIGUSR2 and spec is not None:
-                        log.warning("upgrade_ignored",
-                                    reason="a worker: send SIGUSR2 to the pid in the pidfile")
-                    elif sig == signal.SIGUSR2:
-                        upgrader.request_upgrade()
-                    elif stop_requested:
-                        if sig == signal.SIGINT:
-                            root.start_soon(stop, True)
-                    elif upgrader.successor_pid and not upgrader.serving:
-                        # Sent to the serving generation, it reached us just after we released:
-                        # the service is to stop, and the service is our successor now. We
-                        # finish handing over and exit as usual.
-                        stop_requested = True
-                        log.info("stop_forwarded", signal=signal.Signals(sig).name,
-                                 to_pid=upgrader.successor_pid)
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(upgrader.successor_pid, sig)
-                    else:
-                        stop_requested = True
-                        log.info("stop_requested", signal=signal.Signals(sig).name)
-                        root.start_soon(stop, False)
 
             stale: list[Path] = []
 
@@ -215,7 +189,8 @@ async def run(cfg: Config, argv: list[str], takeover: bool, spec: WorkerSpec | N
                 for path in stale:  # channels of workers that no longer exist
                     path.unlink(missing_ok=True)
 
-            root.start_soon(signals)
+            root.start_soon(sigdispatch.dispatch, sigs, upgrader,
+                            lambda hard: root.start_soon(stop, hard), spec is not None)
             root.start_soon(server.sweep_idle)
             try:
                 if spec is not None and link is not None:

@@ -54,7 +54,7 @@ from typing import Any
 import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from proxy import __version__, log, metrics_http, notify, pidfile
+from proxy import __version__, log, metrics_http, notify, pidfile, sigdispatch
 from proxy.adopt import WORKER_CHANNEL, Options, Serving, TakeoverRefused, take_over
 from proxy.channel import Channel, bind_channel
 from proxy.child import STDERR_FD_ENV
@@ -479,7 +479,6 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
     server.accept_traffic = False
     exit_now = trio.Event()
     code = EXIT_OK
-    stop_requested = False
     takeover_scope = trio.CancelScope()
     notify.title("generation ? starting")
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR2) as sigs:
@@ -547,24 +546,6 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
                 pidfile.remove_if_mine(cfg.proxy.pidfile)
                 exit_now.set()
 
-            async def signals() -> None:
-                nonlocal stop_requested
-                async for sig in sigs:
-                    if sig == signal.SIGUSR2:
-                        upgrader.request_upgrade()
-                    elif stop_requested:
-                        if sig == signal.SIGINT:
-                            root.start_soon(stop, True)
-                    elif upgrader.successor_pid and not upgrader.serving:
-                        stop_requested = True
-                        log.info("stop_forwarded", signal=signal.Signals(sig).name,
-                                 to_pid=upgrader.successor_pid)
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(upgrader.successor_pid, sig)
-                    else:
-                        stop_requested = True
-                        log.info("stop_requested", signal=signal.Signals(sig).name)
-                        root.start_soon(stop, False)
 
             async def prepare(kept: dict[str, socket.socket]) -> None:
                 """Between LISTENERS and READY: our workers, each with its old peers."""
@@ -586,7 +567,8 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
                                     task_status=task_status, opts=Options(before_ready=prepare))
                 pool.remove_stale()
 
-            root.start_soon(signals)
+            root.start_soon(sigdispatch.dispatch, sigs, upgrader,
+                            lambda hard: root.start_soon(stop, hard))
             root.start_soon(pool.heartbeat)
             try:
                 if takeover:

@@ -257,8 +257,10 @@ async def test_sigterm_stops_the_supervisor_and_every_worker_gracefully() -> Non
             await wait_until(lambda: all(s.replies > 0 for s in ss.streams))
             sup, ws = p.pid(), workers(p)
             os.kill(sup, signal.SIGTERM)
-            await trio.to_thread.run_sync(lambda: p.wait_log(r"event=phase gen=1 "
-                                                             rf"pid={sup} .*phase=draining"))
+            # Each process logs draining once its copies of the listeners are closed.
+            for pid in (sup, *ws.values()):
+                await trio.to_thread.run_sync(lambda pid=pid: p.wait_log(  # type: ignore[misc]
+                    rf"event=phase gen=1 pid={pid} .*phase=draining"))
             with pytest.raises(ConnectionRefusedError):  # every copy of the listener is closed
                 await trio.to_thread.run_sync(
                     lambda: socket.create_connection(("127.0.0.1", p.port), timeout=5).close())
