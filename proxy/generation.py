@@ -17,7 +17,7 @@ from functools import partial
 
 import trio
 
-from proxy import __version__, log, metrics_http, notify, pidfile
+from proxy import __version__, log, metrics_http, migrate, notify, pidfile
 from proxy.adopt import Serving, TakeoverRefused, take_over
 from proxy.channel import bind_channel
 from proxy.config import Config
@@ -47,6 +47,7 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
         async with trio.open_nursery() as root:
             await root.start(server.host_handlers)
             upgrader = Upgrader(cfg, server, metrics, argv, root.start_soon, exit_now)
+            migrate.install(cfg, server, metrics, upgrader, exit_now)  # host migration (issue 11)
 
             def on_channel(sock: socket.socket) -> None:
                 root.start_soon(upgrader.serve_channel, sock)

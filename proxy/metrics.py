@@ -135,6 +135,15 @@ class Metrics(Collector):
         self.phase = f("gauge", "proxy_lifecycle_phase",
                        "1 for this generation's current lifecycle phase, 0 for the others.",
                        ["phase"])
+        # Host migration (migrate.py): the receiving proxy counts success and the connections
+        # it resumed; the giving one counts failures (on success it exits).
+        self.migrations = f("counter", "proxy_migrations_total", "Host migrations by result.",
+                            ["result"])
+        self.migrated_connections = f("counter", "proxy_migrated_connections_total",
+                                      "Connections received by host migration and resumed.")
+        self.migrated_connections.labels()
+        for result in ("success", "failed"):
+            self.migrations.labels(result)
         self.generation.labels().set(generation)
         self.build_info.labels(version).set(1)
         for result in ("success", "failed"):
