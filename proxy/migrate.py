@@ -84,6 +84,7 @@ from proxy.takeover import (
     PROTOCOLS,
     Abort,
     Ack,
+    ConnRecord,
     Conns,
     Done,
     Event,
@@ -103,6 +104,7 @@ AUTH_TIMEOUT = 5.0  # the handshake; a peer that says nothing is dropped
 STEP_TIMEOUT = 10.0  # any other wait for the peer
 MOVABLE_WAIT = 10.0  # step 3's bound (or drain_timeout when shorter)
 REPORT_WAIT = 10.0  # after DONE, B's word that it is live
+POOL_CLOSE_WAIT = 1.0  # closing idle upstream connections: the bound on their FIN exchange
 BATCH = 128  # connections per CONNS batch
 WINDOW = 4  # batches in flight
 CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
@@ -259,6 +261,7 @@ def _describe(exc: BaseException) -> str:
 class _Moving:
     """A's state during one migration: what it paused, to resume on a failure."""
 
+    records: list[ConnRecord] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
     socks: list[socket.socket] = field(default_factory=list)  # in repair mode, still the handlers'
 
@@ -426,10 +429,21 @@ class MigrationSide:
         srv.hold.hold()
         try:
             await self._wait_movable()
-            self._phase("freeze", connections=len(srv.conns))
+            # Idle pooled upstream connections do not move: close them while the source address
+            # is still here and wait for the server's FIN (after the move its late packets
+            # would reach B, which knows nothing of them, and answer RST). An exchange that
+            # ends meanwhile gives its connection back: another round.
+            for _ in range(3):
+                if not await _close_pools(srv):
+                    break
+                await self._wait_movable()
+            # From the check above to the pause below nothing awaits: no handler runs between,
+            # so none starts a request (or a connect) that the freeze would cut.
             t0 = time.monotonic()
             addrs.remove()
             frozen = True
+            await self._pause_all(state)
+            self._phase("freeze", connections=len(state.records))
             await ch.send(Released({}))
             await self._send_all(ch, state)
             dumped_ms = (time.monotonic() - t0) * 1000
@@ -475,32 +489,36 @@ class MigrationSide:
         raise MigrationError(f"{len(_unmovable(srv))} connections (and {srv.busy} requests or "
                              "connects) could not reach a movable point in time")
 
-    async def _send_all(self, ch: MigChannel, state: _Moving) -> None:
+    async def _pause_all(self, state: _Moving) -> None:
+        """Pause every connection at once (`Server.export` asks them all before it waits)."""
         srv = self.server
-        while True:
-            ids = (srv.pick_movable(BATCH, 1 << 30, True)
-                   if ch.session.can_send_conns() else [])
-            if ids:
-                records, fds = await srv.export(ids)
-                if not records:
-                    continue
-                dumps = []
-                for fd in fds:
-                    s = socket.socket(fileno=fd)  # the handler's fd: detached below, never closed here
-                    state.socks.append(s)
-                    repair.enter_repair(s)
-                    dumps.append(repair.dump(s))
-                state.ids.extend(r.id for r in records)
-                await ch.send(Conns(tuple(records)), dumps)
-                continue
-            if not ch.session.unacked:
-                break
-            event, _ = await ch.receive()
-            if not isinstance(event, Ack):
-                raise MigrationError(f"expected ACK, got {type(event).__name__}")
+        ids = srv.pick_movable(len(srv.conns) + 1, 1 << 30, True)
+        state.records, fds = await srv.export(ids)
+        state.ids = [r.id for r in state.records]
+        for fd in fds:
+            # The handler's fd: wrapped to set options, detached (never closed) by us.
+            state.socks.append(socket.socket(fileno=fd))
         if srv.conns.keys() - set(state.ids):
             raise MigrationError(f"{len(srv.conns.keys() - set(state.ids))} connections "
                                  "stopped being movable during the freeze")
+
+    async def _send_all(self, ch: MigChannel, state: _Moving) -> None:
+        """TCP_REPAIR dumps and CONNS batches, up to the session's window ahead of the ACKs."""
+        nrec = nfd = 0
+        while nrec < len(state.records) or ch.session.unacked:
+            if nrec < len(state.records) and ch.session.can_send_conns():
+                batch = state.records[nrec:nrec + BATCH]
+                k = sum(r.nfds for r in batch)
+                dumps = []
+                for s in state.socks[nfd:nfd + k]:
+                    repair.enter_repair(s)
+                    dumps.append(repair.dump(s))
+                await ch.send(Conns(tuple(batch)), dumps)
+                nrec, nfd = nrec + len(batch), nfd + k
+                continue
+            event, _ = await ch.receive()
+            if not isinstance(event, Ack):
+                raise MigrationError(f"expected ACK, got {type(event).__name__}")
 
     def _roll_back(self, addrs: Addresses | None, state: _Moving) -> None:
         """Serve everything here again: addresses back, repair mode off, handlers resumed."""
@@ -668,6 +686,34 @@ def _unmovable(srv: Server) -> list[int]:
         if h is None or not h.movable() or not all(_established(fd) for fd in h.fds()):
             out.append(c.id)
     return out
+
+
+async def _close_pools(srv: Server) -> int:
+    """Close every idle pooled upstream connection gracefully: our FIN, then wait (bounded)
+    for the server's, so the close completes while the address is ours. Returns how many."""
+    ups = []
+    for pool in srv.pools.values():
+        for q in pool.idle.values():
+            while q:
+                up = q.pop()
+                with contextlib.suppress(OSError):
+                    up.sock.shutdown(socket.SHUT_WR)
+                ups.append(up)
+    with trio.move_on_after(POOL_CLOSE_WAIT):
+        while ups and not all(_eof(up.sock) for up in ups):
+            await trio.sleep(0.005)
+    for up in ups:
+        up.close()
+    return len(ups)
+
+
+def _eof(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def _established(fd: int) -> bool:

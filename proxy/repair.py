@@ -234,7 +234,8 @@ def restore(d: SocketDump) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
         else:
             sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # (No SO_REUSEADDR: it would replace the SK_FORCE_REUSE that TCP_REPAIR set, which is
+        # what lets this bind coexist with our own listener on the same address and port.)
         # The unacknowledged bytes must fit: the default 16 KB send buffer does not.
         sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, max(d.sndbuf, 4 * len(d.send_queue)))
         sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, max(d.rcvbuf, 4 * len(d.recv_queue)))
