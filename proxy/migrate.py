@@ -66,6 +66,7 @@ import trio
 from proxy import __version__, log, pidfile, repair, sockopts
 from proxy.channel import bind_channel, peer_allowed
 from proxy.config import Address, Config, SocketOptions, parse_address
+from proxy.faults import fault_point
 from proxy.frames import ProtocolError
 from proxy.metrics import Metrics
 from proxy.migwire import (
@@ -514,6 +515,7 @@ class MigrationSide:
                     repair.enter_repair(s)
                     dumps.append(repair.dump(s))
                 await ch.send(Conns(tuple(batch)), dumps)
+                await fault_point("migrate_out", "after_conns")
                 nrec, nfd = nrec + len(batch), nfd + k
                 continue
             event, _ = await ch.receive()
@@ -629,6 +631,7 @@ class MigrationSide:
                     local_ids.append(cid)
                     restored.extend(zip(socks, mine, _opts(self.cfg, rec.listener),
                                         strict=False))
+                await fault_point("migrate_in", "before_ack")
                 await ch.send(Ack(tuple(r.id for r in event.records)))
             restore_ms = (time.monotonic() - t0) * 1000
         except BaseException as exc:

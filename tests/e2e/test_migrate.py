@@ -8,7 +8,10 @@ in order, and the client's and upstream's kernels must count no reset.
 from __future__ import annotations
 
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +106,94 @@ def test_migrate_there_and_back(topo: Topology) -> None:
         for p in (a, b, a2):
             if p is not None:
                 p.stop()
+
+
+def test_upgrade_after_migration_and_migration_after_upgrade(topo: Topology) -> None:
+    """A -> B, a hot upgrade of B at once (the migrated connections and the migration sockets
+    go to B's next generation), then B's new generation migrates everything back to A."""
+    a = NsProxy(topo, "a").start()
+    b = NsProxy(topo, "b").start()
+    load = None
+    a2 = None
+    try:
+        load = clients(topo, streams=50, http=4)
+        before = resets(topo)
+        n = int(move(a, "b").split()[1])
+        b.wait_log(r"event=migration_phase .*phase=live")
+        b.upgrade()
+        a2 = NsProxy(topo, "a").start()
+        assert int(move(b, "a").split()[1]) == n
+        after = resets(topo)
+        got = result(load)
+        assert got["nerrors"] == 0, got
+        assert after == before
+    finally:
+        if load is not None:
+            stop_helper(load)
+        for p in (a, b, a2):
+            if p is not None:
+                p.stop()
+
+
+def test_failures_change_nothing(topo: Topology) -> None:
+    """B refuses the key, B is not reachable, garbage on B's migration port, and B dies before
+    its first ACK: every time `migrate` exits 1 with the reason and A still serves everything
+    (the clients check every byte); B keeps serving through the garbage."""
+    a = NsProxy(topo, "a").start()
+    b: NsProxy | None = NsProxy(topo, "b", key=b"x" * 40).start()  # another key
+    load = None
+    b2 = None
+    try:
+        load = clients(topo, streams=30, http=2)
+        before = resets(topo)
+        res = a.migrate(f"{HOSTS['b']}:{MIG_PORT}")
+        assert res.returncode == 1 and "does not hold the migration key" in res.stderr, res.stderr
+        assert b is not None
+        b.wait_log(r"event=migration_peer_refused ")  # (A saw B's proof fail first and hung up)
+        res = a.migrate(f"{HOSTS['b']}:{MIG_PORT + 1}")  # nothing listens there
+        assert res.returncode == 1 and "cannot reach" in res.stderr, res.stderr
+        topo.run("a", sys.executable, "-c", GARBAGE % (HOSTS["b"], MIG_PORT))
+        assert b is not None
+        b.wait_log(r"event=migration_peer_refused .*bad magic")
+        b.stop()
+        b = None
+        b2 = NsProxy(topo, "b").start()
+        b2.arm_fault("migrate_in:before_ack:crash")
+        res = a.migrate(f"{HOSTS['b']}:{MIG_PORT}")
+        assert res.returncode == 1, res.stderr
+        a.wait_log(r"event=migration_phase .*phase=rolled_back")
+        assert topo.has_address("a", SERVICE) and not topo.has_address("b", SERVICE)
+        time.sleep(0.5)  # the clients keep going through A
+        after = resets(topo)
+        got = result(load)
+        assert got["nerrors"] == 0, got
+        assert after == before
+        assert a.serving_pid() is not None
+        assert a.count(r"event=migration_failed") == 3
+    finally:
+        if load is not None:
+            stop_helper(load)
+        for p in (a, b, b2):
+            if p is not None:
+                p.stop()
+
+
+GARBAGE = """
+import socket
+s = socket.create_connection(("%s", %d), timeout=5)
+s.sendall(b"GET / HTTP/1.1\\r\\n\\r\\n" * 10)
+s.settimeout(5)
+try:
+    s.recv(100)
+except OSError:
+    pass
+"""
+
+
+def test_migrate_without_migration_section_fails_at_once(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[[listener]]\nname = "web"\nlisten = "127.0.0.1:0"\nupstream = "app"\n'
+                   '[upstream.app]\nservers = ["127.0.0.1:9"]\n')
+    res = subprocess.run([sys.executable, "-m", "proxy", "migrate", "--config", str(cfg),
+                          "--to", "127.0.0.1:7070"], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 1 and "no [migration] section" in res.stderr
