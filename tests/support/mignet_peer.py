@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 from dataclasses import dataclass, field
 from functools import partial
@@ -81,12 +82,14 @@ class Stats:
     chunks: int = 0
     max_gap: float = 0.0
     gaps: list[float] = field(default_factory=list)  # per client, its worst gap
+    rtts: list[float] = field(default_factory=list)  # per echo stream, its worst line round trip
+    pace: float = STREAM_PACE
     open: int = 0
 
 
 async def seq_stream(host: str, port: int, ident: int, stats: Stats, stop: trio.Event,
                      started: trio.Event, want: int) -> None:
-    seq, worst = 0, 0.0
+    seq, worst, worst_rtt = 0, 0.0, 0.0
     try:
         stream = await trio.open_tcp_stream(host, port)
         stats.open += 1
@@ -97,6 +100,7 @@ async def seq_stream(host: str, port: int, ident: int, stats: Stats, stop: trio.
             last = trio.current_time()
             while not stop.is_set():
                 out = b"%08d\n" % seq
+                sent_at = trio.current_time()
                 with trio.fail_after(20):
                     await stream.send_all(out)
                     while len(buf) < len(out):
@@ -109,12 +113,14 @@ async def seq_stream(host: str, port: int, ident: int, stats: Stats, stop: trio.
                     raise AssertionError(f"expected {out!r}, got {got!r}")
                 now = trio.current_time()
                 worst, last = max(worst, now - last), now
+                worst_rtt = max(worst_rtt, now - sent_at)
                 seq += 1
                 stats.lines += 1
-                await trio.sleep(STREAM_PACE)
+                await trio.sleep(stats.pace * (0.5 + (ident * 7919 % 1000) / 1000))
     except Exception as exc:
         stats.errors.append(f"stream {ident} at {seq}: {type(exc).__name__}: {exc}")
     stats.gaps.append(worst)
+    stats.rtts.append(worst_rtt)
 
 
 async def http_client(host: str, port: int, ident: int, stats: Stats, stop: trio.Event) -> None:
@@ -189,8 +195,8 @@ async def streaming(host: str, port: int, stats: Stats, stop: trio.Event) -> Non
 
 
 async def clients(host: str, port: int, nstreams: int, nhttp: int, with_stream: bool,
-                  http_port: int) -> None:
-    stats = Stats()
+                  http_port: int, pace: float) -> None:
+    stats = Stats(pace=pace)
     stop = trio.Event()
     started = trio.Event()
     if nstreams == 0:
@@ -204,18 +210,22 @@ async def clients(host: str, port: int, nstreams: int, nhttp: int, with_stream: 
             nursery.start_soon(http_client, host, http_port, i, stats, stop)
         if with_stream:
             nursery.start_soon(streaming, host, http_port, stats, stop)
-        with trio.fail_after(30):
+        with trio.fail_after(60):
             await started.wait()
         await trio.sleep(0.3)
         print("ready", flush=True)
         await trio.to_thread.run_sync(sys.stdin.readline)
         stop.set()
     gaps = sorted(stats.gaps)
+    rtts = sorted(stats.rtts)
     print(json.dumps({"errors": stats.errors[:20], "nerrors": len(stats.errors),
                       "lines": stats.lines, "requests": stats.requests, "chunks": stats.chunks,
                       "clients": len(gaps), "p50": gaps[len(gaps) // 2] if gaps else 0,
                       "p99": gaps[int(len(gaps) * 0.99)] if gaps else 0,
-                      "max": gaps[-1] if gaps else 0}), flush=True)
+                      "max": gaps[-1] if gaps else 0,
+                      "rtt_p50": rtts[len(rtts) // 2] if rtts else 0,
+                      "rtt_p99": rtts[int(len(rtts) * 0.99)] if rtts else 0,
+                      "rtt_max": rtts[-1] if rtts else 0}), flush=True)
 
 
 def main() -> None:
@@ -230,11 +240,16 @@ def main() -> None:
     c.add_argument("--streams", type=int, default=10)
     c.add_argument("--http", type=int, default=0)
     c.add_argument("--stream", action="store_true")
+    c.add_argument("--pace", type=float, default=STREAM_PACE,
+                   help="mean seconds between an echo stream's lines (each stream its own)")
     a = p.parse_args()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if a.cmd == "servers":
         trio.run(servers, a.host)
     else:
-        trio.run(clients, a.host, a.port, a.streams, a.http, a.stream, a.http_port or a.port)
+        trio.run(clients, a.host, a.port, a.streams, a.http, a.stream, a.http_port or a.port,
+                 a.pace)
 
 
 if __name__ == "__main__":
