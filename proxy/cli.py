@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     mig.add_argument("--to", required=True, help="HOST:PORT, the peer's [migration] listen")
     mig.add_argument("--timeout", type=float, default=None,
                      help="seconds to wait for the outcome (default: drain_timeout + 60)")
+    mig.add_argument("--no-replay", action="store_true",
+                     help="do not re-send to the peer the packets that arrived during the freeze")
     demo = sub.add_parser("demo", help="self-contained live demo of hot upgrades")
     demo.add_argument("--upgrades", type=int, default=3)
     demo.add_argument("--streams", type=int, default=4)
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "upgrade":
         return upgrade(cfg, args.timeout)
     if args.command == "migrate":
-        return migrate_cmd(cfg, args.to, args.timeout)
+        return migrate_cmd(cfg, args.to, args.timeout, not args.no_replay)
     from proxy import generation
 
     log.setup(cfg.proxy.log_level)
@@ -126,7 +128,7 @@ def upgrade(cfg: config.Config, timeout: float | None) -> int:
     return 1
 
 
-def migrate_cmd(cfg: config.Config, to: str, timeout: float | None) -> int:
+def migrate_cmd(cfg: config.Config, to: str, timeout: float | None, replay: bool = True) -> int:
     """Ask this host's proxy (its control socket) to migrate to `to`; print the outcome."""
     from proxy import migrate
 
@@ -139,7 +141,7 @@ def migrate_cmd(cfg: config.Config, to: str, timeout: float | None) -> int:
         print(f"proxy migrate: {exc}", file=sys.stderr)
         return EXIT_INVALID
     try:
-        reply = migrate.request(cfg, to, timeout or cfg.proxy.drain_timeout + 60.0)
+        reply = migrate.request(cfg, to, timeout or cfg.proxy.drain_timeout + 60.0, replay)
     except (OSError, ValueError) as exc:
         print(f"proxy migrate: no answer from the local proxy: {exc}", file=sys.stderr)
         return 1

@@ -348,11 +348,13 @@ class MigrationSide:
             try:
                 with trio.fail_after(AUTH_TIMEOUT):
                     req = await _read_line(sock)
-                to = parse_address("to", json.loads(req)["to"])
+                obj = json.loads(req)
+                to = parse_address("to", obj["to"])
+                replay = bool(obj.get("replay", True))
             except Exception as exc:
                 reply = {"ok": False, "reason": f"bad control request: {exc}"}
             else:
-                reply = await self.migrate_to(to)
+                reply = await self.migrate_to(to, replay)
             with contextlib.suppress(OSError), trio.move_on_after(AUTH_TIMEOUT):
                 await _write_all(sock, json.dumps(reply).encode() + b"\n")
         finally:
@@ -360,15 +362,16 @@ class MigrationSide:
         if reply.get("ok"):
             self.on_exit()
 
-    async def migrate_to(self, to: Address) -> dict[str, Any]:
-        """Migrate everything to the peer at `to`; the reply for the CLI."""
+    async def migrate_to(self, to: Address, replay: bool = True) -> dict[str, Any]:
+        """Migrate everything to the peer at `to`; the reply for the CLI. `replay`: re-send
+        to the peer what arrived for the moving addresses during the freeze."""
         why = self._why_not()
         if why:
             log.error("migration_refused", to=str(to), reason=why)
             return {"ok": False, "reason": why}
         self.active = True
         try:
-            moved, ms = await self._migrate(to)
+            moved, ms = await self._migrate(to, replay)
         except MigrationError as exc:
             self.metrics.migrations.labels("failed").inc()
             log.error("migration_failed", to=str(to), reason=str(exc))
@@ -388,12 +391,12 @@ class MigrationSide:
             return "a migration is already under way"
         return self.can_start()
 
-    async def _migrate(self, to: Address) -> tuple[int, float]:
+    async def _migrate(self, to: Address, replay: bool) -> tuple[int, float]:
         m = self.cfg.migration
         assert m is not None
         moving = tuple(parse_moving(a) for a in m.addresses)
         try:
-            addrs = Addresses(moving)
+            addrs = Addresses(moving, capture=replay)
         except (AddressError, OSError) as exc:
             raise MigrationError(f"cannot open netlink/ARP sockets: {exc}") from exc
         try:
@@ -448,6 +451,7 @@ class MigrationSide:
                 tp = time.monotonic()
                 await self._pause_all(state)
                 t0 = time.monotonic()
+                addrs.start_capture()  # (the replay: what arrives from now on is kept)
                 addrs.remove()
                 frozen = True
                 self._phase("freeze", connections=len(state.records),
@@ -478,8 +482,11 @@ class MigrationSide:
             report = {}
             log.warning("migration_no_report", reason=str(exc))
         ms = round((time.monotonic() - t0) * 1000, 1)
+        macs = report.get("macs")
+        replayed = addrs.replay({str(k): str(v) for k, v in macs.items()}
+                                if isinstance(macs, dict) else {})
         self._phase("done", moved=n, freeze_ms=ms, peer_freeze_ms=report.get("freeze_ms", ""),
-                    peer_resumed=report.get("resumed", ""))
+                    peer_resumed=report.get("resumed", ""), replayed=replayed)
         with contextlib.suppress(OSError):
             self.cfg.proxy.takeover_socket.unlink(missing_ok=True)
             control_path(self.cfg).unlink(missing_ok=True)
@@ -660,6 +667,7 @@ class MigrationSide:
         try:
             addrs.add()
             arps = addrs.announce()
+            macs = addrs.macs()
         finally:
             addrs.close()
         lost = 0
@@ -681,7 +689,7 @@ class MigrationSide:
                  restore_ms=round(restore_ms, 1), freeze_ms=freeze_ms, arp=arps, lost=lost)
         with contextlib.suppress(OSError, trio.TooSlowError):
             await ch.send_report({"resumed": len(local_ids), "freeze_ms": freeze_ms,
-                                  "restore_ms": round(restore_ms, 1)})
+                                  "restore_ms": round(restore_ms, 1), "macs": macs})
 
 
 def _opts(cfg: Config, listener: str) -> tuple[SocketOptions | None, SocketOptions | None]:
@@ -834,14 +842,14 @@ def install(cfg: Config, server: Server, metrics: Metrics, upgrader: Any,
 
 # ---- the CLI side ----------------------------------------------------------------------------
 
-def request(cfg: Config, to: str, timeout: float) -> dict[str, Any]:
+def request(cfg: Config, to: str, timeout: float, replay: bool = True) -> dict[str, Any]:
     """`python -m proxy migrate`: ask the local proxy (over its control socket) to migrate to
     `to`; its reply. Raises OSError when no proxy answers there."""
     path = control_path(cfg)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(str(path))
-        s.sendall(json.dumps({"to": to}).encode() + b"\n")
+        s.sendall(json.dumps({"to": to, "replay": replay}).encode() + b"\n")
         buf = b""
         while b"\n" not in buf:
             data = s.recv(65536)

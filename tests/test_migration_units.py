@@ -183,3 +183,18 @@ def test_moving_address_and_garp() -> None:
     frame = garp_frame(b"\x02" * 6, "10.0.0.100")
     assert len(frame) == 42 and frame[:6] == b"\xff" * 6 and frame[12:14] == b"\x08\x06"
     assert frame[28:32] == frame[38:42] == socket.inet_aton("10.0.0.100")
+
+
+def test_fix_checksums_matches_the_kernel() -> None:
+    """A real TCP/IPv4 packet (checksums correct) survives zeroing and recomputation."""
+    from proxy.netaddr import fix_checksums
+
+    ip = bytes.fromhex("4500003c1c4640004006b1e6ac100a63ac100a0c")  # (header checksum b1e6)
+    tcp = bytes.fromhex("e5a90050a0a1a2a300000000a002faf0") + b"\0\0" + bytes(2) + bytes(20)
+    eth = b"\xff" * 6 + b"\x02" * 6 + b"\x08\x00"
+    once = fix_checksums(eth + ip + tcp)
+    assert once[24:26] == bytes.fromhex("b1e6")
+    broken = bytearray(once)
+    broken[24:26] = b"\0\0"
+    broken[50:52] = b"\x12\x34"
+    assert fix_checksums(bytes(broken)) == once

@@ -184,11 +184,13 @@ class NsProxy(Proxy):
         self.port = TCP_PORT
         return self
 
-    def migrate(self, to: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    def migrate(self, to: str, timeout: float = 60.0,
+                replay: bool = True) -> subprocess.CompletedProcess[str]:
         """`python -m proxy migrate` run in this proxy's namespace (as an operator would)."""
         return subprocess.run(
             ["ip", "netns", "exec", self.topo.ns[self.host], sys.executable, "-m", "proxy",
-             "migrate", "--config", str(self.config), "--to", to],
+             "migrate", "--config", str(self.config), "--to", to,
+             *([] if replay else ["--no-replay"])],
             capture_output=True, text=True, timeout=timeout, env=self.env, cwd=self.dir)
 
     def wait_exit(self, timeout: float = 15.0) -> None:
