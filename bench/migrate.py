@@ -15,10 +15,12 @@ Columns:
               (p50 / p99 / max); a stream sends only every `pace`, so only those that sent
               during the freeze feel it: p99 and max are the migration's figures
   resets      the client's and upstream's TcpEstabResets + TcpOutRsts, after - before
+  replay      on: A re-sends to B what arrived for the moving addresses during the freeze
+              (`proxy migrate` default); off: `--no-replay`, the peers retransmit on their own
 
 Needs root and `ip netns`. Waits (bounded) while /tmp/BENCH_RUNNING exists.
 
-    python bench/migrate.py                       # 100, 1000, 5000 pairs
+    python bench/migrate.py                       # 100, 1000, 5000 pairs, replay on and off
     python bench/migrate.py --sizes 100,1000 --runs 3
 """
 
@@ -65,7 +67,7 @@ def counters(topo: Topology) -> int:
     return c["EstabResets"] + c["OutRsts"] + u["EstabResets"] + u["OutRsts"]
 
 
-def one(n: int, pace: float, after: float) -> dict[str, Any]:
+def one(n: int, pace: float, after: float, replay: bool) -> dict[str, Any]:
     topo = Topology(f"b{n}")
     procs: list[Any] = []
     proxies: list[NsProxy] = []
@@ -83,7 +85,7 @@ def one(n: int, pace: float, after: float) -> dict[str, Any]:
         assert read_line(load, 120) == "ready"
         time.sleep(max(1.0, pace * 2))  # every stream has sent a few lines
         before = counters(topo)
-        res = a.migrate(f"{HOSTS['b']}:{MIG_PORT}", timeout=120)
+        res = a.migrate(f"{HOSTS['b']}:{MIG_PORT}", timeout=120, replay=replay)
         if res.returncode != 0:
             raise RuntimeError(f"migrate failed: {res.stderr.strip()}")
         m = re.search(r"migrated: (\d+) connections in ([\d.]+) ms", res.stdout)
@@ -96,8 +98,8 @@ def one(n: int, pace: float, after: float) -> dict[str, Any]:
         got = result(load, timeout=60)
         moved = int(m.group(1))
         freeze = float(m.group(2))
-        return {"n": n, "moved": moved, "freeze": freeze, "b_live": float(live.group(3)),
-                "restore": float(live.group(2)), "per_conn": freeze / max(1, moved),
+        return {"n": n, "replay": int(replay), "moved": moved, "freeze": freeze,
+                "b_live": float(live.group(3)), "restore": float(live.group(2)), "per_conn": freeze / max(1, moved),
                 "p50": got["rtt_p50"] * 1000, "p99": got["rtt_p99"] * 1000,
                 "max": got["rtt_max"] * 1000, "errors": got["nerrors"], "resets": resets}
     finally:
@@ -115,25 +117,28 @@ def main() -> None:
     ap.add_argument("--pace", type=float, default=0.0,
                     help="seconds between a stream's lines (default: N/2000, 1,000 lines/s)")
     ap.add_argument("--after", type=float, default=2.0, help="seconds the streams run on after")
+    ap.add_argument("--replay", default="on,off",
+                    help="on, off or on,off: with and/or without the freeze's packets re-sent")
     args = ap.parse_args()
     why = unavailable()
     if why:
         raise SystemExit(f"bench/migrate.py: {why}")
     rows = []
-    for n in (int(x) for x in args.sizes.split(",")):
+    for n, replay in ((int(x), r == "on") for x in args.sizes.split(",")
+                      for r in args.replay.split(",")):
         runs = []
         for _ in range(args.runs):
             wait_quiet()
-            runs.append(one(n, args.pace or max(0.05, n / 2000), args.after))
+            runs.append(one(n, args.pace or max(0.05, n / 2000), args.after, replay))
             print(f"  run: {runs[-1]}", file=sys.stderr)
         rows.append({k: (statistics.median(r[k] for r in runs) if k not in ("errors", "resets")
                          else max(r[k] for r in runs)) for k in runs[0]})
-    print(f"{'pairs':>6} {'moved':>6} {'freeze ms':>10} {'B live ms':>10} {'restore ms':>11} "
+    print(f"{'pairs':>6} {'replay':>6} {'moved':>6} {'freeze ms':>10} {'B live ms':>10} {'restore ms':>11} "
           f"{'per conn ms':>12} {'stall p50':>10} {'p99':>8} {'max':>8} {'errors':>7} "
           f"{'resets':>7}")
     for r in rows:
-        print(f"{r['n']:>6} {r['moved']:>6.0f} {r['freeze']:>10.1f} {r['b_live']:>10.1f} "
-              f"{r['restore']:>11.1f} {r['per_conn']:>12.3f} {r['p50']:>10.1f} {r['p99']:>8.1f} "
+        print(f"{r['n']:>6} {'on' if r['replay'] else 'off':>6} {r['moved']:>6.0f} "
+              f"{r['freeze']:>10.1f} {r['b_live']:>10.1f} {r['restore']:>11.1f} {r['per_conn']:>12.3f} {r['p50']:>10.1f} {r['p99']:>8.1f} "
               f"{r['max']:>8.1f} {r['errors']:>7} {r['resets']:>7}")
 
 
