@@ -99,7 +99,8 @@ def one(n: int, pace: float, after: float, replay: bool) -> dict[str, Any]:
         moved = int(m.group(1))
         freeze = float(m.group(2))
         return {"n": n, "replay": int(replay), "moved": moved, "freeze": freeze,
-                "b_live": float(live.group(3)), "restore": float(live.group(2)), "per_conn": freeze / max(1, moved),
+                "b_live": float(live.group(3)), "restore": float(live.group(2)),
+                "per_conn": freeze / max(1, moved),
                 "p50": got["rtt_p50"] * 1000, "p99": got["rtt_p99"] * 1000,
                 "max": got["rtt_max"] * 1000, "errors": got["nerrors"], "resets": resets}
     finally:
@@ -138,7 +139,8 @@ def main() -> None:
           f"{'resets':>7}")
     for r in rows:
         print(f"{r['n']:>6} {'on' if r['replay'] else 'off':>6} {r['moved']:>6.0f} "
-              f"{r['freeze']:>10.1f} {r['b_live']:>10.1f} {r['restore']:>11.1f} {r['per_conn']:>12.3f} {r['p50']:>10.1f} {r['p99']:>8.1f} "
+              f"{r['freeze']:>10.1f} {r['b_live']:>10.1f} {r['restore']:>11.1f} "
+              f"{r['per_conn']:>12.3f} {r['p50']:>10.1f} {r['p99']:>8.1f} "
               f"{r['max']:>8.1f} {r['errors']:>7} {r['resets']:>7}")
 
 
