@@ -74,6 +74,9 @@ class Family:
         self.kind, self.name, self.doc, self.labelnames = kind, name, doc, tuple(labels)
         self.buckets = tuple(buckets)
         self.children: dict[tuple[str, ...], Any] = {}
+        # False: left out of snapshot() while every value is 0, so a release that does not know
+        # this family (a downgrade) can still take over from us (its restore() is strict).
+        self.carry_if_zero = True
 
     def labels(self, *values: str) -> Any:
         child = self.children.get(values)
@@ -142,6 +145,7 @@ class Metrics(Collector):
         self.migrated_connections = f("counter", "proxy_migrated_connections_total",
                                       "Connections received by host migration and resumed.")
         self.migrated_connections.labels()
+        self.migrations.carry_if_zero = self.migrated_connections.carry_if_zero = False
         for result in ("success", "failed"):
             self.migrations.labels(result)
         self.generation.labels().set(generation)
@@ -177,6 +181,9 @@ class Metrics(Collector):
         """Counters and histograms as {name: [[labels, value-or-[counts, sum]], ...]}."""
         out: dict[str, list[Any]] = {}
         for fam in self.families:
+            if not fam.carry_if_zero and not any(
+                    getattr(c, "value", 1) for c in fam.children.values()):
+                continue
             if fam.kind == "counter":
                 out[fam.name] = [[list(lv), c.value] for lv, c in fam.children.items()]
             elif fam.kind == "histogram":
