@@ -339,12 +339,12 @@ class MigrationSide:
     # ---- A: the control socket and the migration away ------------------------------------------
 
     async def _control(self, sock: socket.socket) -> None:
+        reply: dict[str, Any] = {}
         try:
             ok, pid, uid = peer_allowed(sock)
             if not ok:
                 log.warning("migrate_control_refused", peer_pid=pid, peer_uid=uid)
                 return
-            reply: dict[str, Any]
             try:
                 with trio.fail_after(AUTH_TIMEOUT):
                     req = await _read_line(sock)
@@ -621,7 +621,8 @@ class MigrationSide:
         try:
             await ch.send(Ready())
             log.info("migration_phase", phase="incoming", peer=peer, old_pid=welcome.pid)
-            event, _ = await ch.receive()
+            # A waits for its connections to become movable (and its pool to close) first.
+            event, _ = await ch.receive(MOVABLE_WAIT + 3 * POOL_CLOSE_WAIT + STEP_TIMEOUT)
             if not isinstance(event, Released):
                 raise MigrationError(f"expected RELEASED, got {type(event).__name__}")
             t0 = time.monotonic()
