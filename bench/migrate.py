@@ -11,9 +11,9 @@ Columns:
   B live      B's own part: RELEASED received -> every connection resumed (restore, addresses,
               ARP, repair off), and of it `restore` (the TCP_REPAIR restores + adoption)
   per conn    freeze / N (each connection = 2 sockets, client and upstream side)
-  stall       over the streams, each stream's worst line round trip while the migration ran
-              (p50 / p99 / max); a stream sends only every `pace`, so only those that sent
-              during the freeze feel it: p99 and max are the migration's figures
+  stall       over the streams, each stream's worst line round trip from just before
+              `proxy migrate` to the end (p50 / p99 / max); a stream sends only every `pace`,
+              so only those that sent during the freeze feel it: p99 and max are the figures
   resets      the client's and upstream's TcpEstabResets + TcpOutRsts, after - before
   replay      on: A re-sends to B what arrived for the moving addresses during the freeze
               (`proxy migrate` default); off: `--no-replay`, the peers retransmit on their own
@@ -45,6 +45,7 @@ from tests.support.mignet import (
     TCP_PORT,
     NsProxy,
     Topology,
+    mark,
     read_line,
     result,
     stop_helper,
@@ -85,6 +86,7 @@ def one(n: int, pace: float, after: float, replay: bool) -> dict[str, Any]:
         assert read_line(load, 120) == "ready"
         time.sleep(max(1.0, pace * 2))  # every stream has sent a few lines
         before = counters(topo)
+        mark(load)
         res = a.migrate(f"{HOSTS['b']}:{MIG_PORT}", timeout=120, replay=replay)
         if res.returncode != 0:
             raise RuntimeError(f"migrate failed: {res.stderr.strip()}")

@@ -208,6 +208,14 @@ class NsProxy(Proxy):
         raise AssertionError(f"proxy on {self.host} still running; log tail:\n{self.tail()}")
 
 
+def mark(proc: subprocess.Popen[str]) -> None:
+    """Tell a clients helper to measure its echo streams' worst round trip from now on."""
+    assert proc.stdin is not None
+    proc.stdin.write("mark\n")
+    proc.stdin.flush()
+    assert read_line(proc, 10) == "marked"
+
+
 def result(proc: subprocess.Popen[str], timeout: float = 30.0) -> dict[str, Any]:
     """Tell a clients helper to stop and read its JSON summary."""
     import json

@@ -7,7 +7,8 @@ goes). Prints "ready".
 
 `clients HOST PORT --streams N --http M --stream`: N sequence-checked echo streams, M keep-alive
 http clients and (with --stream) one streaming response, all through the proxy at HOST:PORT.
-Prints "ready" once all are flowing; on the line "stop" it stops, checks that every byte came
+Prints "ready" once all are flowing; on the line "mark" the echo streams forget their worst
+round trip so far (answers "marked"); on the line "stop" it stops, checks that every byte came
 back exactly once, and prints one JSON line: errors, counts and the worst stall seen.
 """
 
@@ -84,12 +85,13 @@ class Stats:
     gaps: list[float] = field(default_factory=list)  # per client, its worst gap
     rtts: list[float] = field(default_factory=list)  # per echo stream, its worst line round trip
     pace: float = STREAM_PACE
+    epoch: int = 0  # bumped by "mark": every client forgets its worst so far
     open: int = 0
 
 
 async def seq_stream(host: str, port: int, ident: int, stats: Stats, stop: trio.Event,
                      started: trio.Event, want: int) -> None:
-    seq, worst, worst_rtt = 0, 0.0, 0.0
+    seq, worst, worst_rtt, epoch = 0, 0.0, 0.0, 0
     try:
         stream = await trio.open_tcp_stream(host, port)
         stats.open += 1
@@ -100,6 +102,8 @@ async def seq_stream(host: str, port: int, ident: int, stats: Stats, stop: trio.
             last = trio.current_time()
             while not stop.is_set():
                 out = b"%08d\n" % seq
+                if epoch != stats.epoch:
+                    epoch, worst, worst_rtt = stats.epoch, 0.0, 0.0
                 sent_at = trio.current_time()
                 with trio.fail_after(20):
                     await stream.send_all(out)
@@ -214,7 +218,9 @@ async def clients(host: str, port: int, nstreams: int, nhttp: int, with_stream: 
             await started.wait()
         await trio.sleep(0.3)
         print("ready", flush=True)
-        await trio.to_thread.run_sync(sys.stdin.readline)
+        while (await trio.to_thread.run_sync(sys.stdin.readline)).strip() == "mark":
+            stats.epoch += 1  # (the echo streams' worst counts from here)
+            print("marked", flush=True)
         stop.set()
     gaps = sorted(stats.gaps)
     rtts = sorted(stats.rtts)
