@@ -140,7 +140,7 @@ def main() -> None:
           f"{'per conn ms':>12} {'stall p50':>10} {'p99':>8} {'max':>8} {'errors':>7} "
           f"{'resets':>7}")
     for r in rows:
-        print(f"{r['n']:>6} {'on' if r['replay'] else 'off':>6} {r['moved']:>6.0f} "
+        print(f"{int(r['n']):>6} {'on' if r['replay'] else 'off':>6} {r['moved']:>6.0f} "
               f"{r['freeze']:>10.1f} {r['b_live']:>10.1f} {r['restore']:>11.1f} "
               f"{r['per_conn']:>12.3f} {r['p50']:>10.1f} {r['p99']:>8.1f} "
               f"{r['max']:>8.1f} {r['errors']:>7} {r['resets']:>7}")

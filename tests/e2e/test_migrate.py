@@ -7,6 +7,7 @@ in order, and the client's and upstream's kernels must count no reset.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -197,3 +198,19 @@ def test_migrate_without_migration_section_fails_at_once(tmp_path: Path) -> None
     res = subprocess.run([sys.executable, "-m", "proxy", "migrate", "--config", str(cfg),
                           "--to", "127.0.0.1:7070"], capture_output=True, text=True, timeout=30)
     assert res.returncode == 1 and "no [migration] section" in res.stderr
+
+
+def test_migrate_without_capabilities_fails_at_once(topo: Topology) -> None:
+    """A proxy without CAP_NET_ADMIN and CAP_NET_RAW refuses at once, saying so; it serves on."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux) to drop capabilities")
+    drop = ("setpriv", "--bounding-set=-net_admin,-net_raw", "--inh-caps=-net_admin,-net_raw",
+            "--")
+    a = NsProxy(topo, "a", prefix=drop).start()
+    try:
+        res = a.migrate(f"{HOSTS['b']}:{MIG_PORT}", timeout=20)
+        assert res.returncode == 1, res.stderr
+        assert "missing capabilities CAP_NET_ADMIN and CAP_NET_RAW" in res.stderr, res.stderr
+        assert a.serving_pid() is not None and topo.has_address("a", SERVICE)
+    finally:
+        a.stop()

@@ -154,9 +154,10 @@ class NsProxy(Proxy):
     listener (echo upstream) and an http listener, both on the moving service address."""
 
     def __init__(self, topo: Topology, host: str, key: bytes = b"k" * 32,
-                 migration: bool = True, extra: str = "") -> None:
+                 migration: bool = True, extra: str = "", prefix: tuple[str, ...] = ()) -> None:
+        """`prefix`: a command the proxy runs under (e.g. setpriv dropping capabilities)."""
         super().__init__([f"{HOSTS['up']}:9000"])
-        self.topo, self.host = topo, host
+        self.topo, self.host, self.prefix = topo, host, prefix
         self.key_path = write_key(self.dir, key)
         up = HOSTS["up"]
         text = render_config(
@@ -176,8 +177,8 @@ class NsProxy(Proxy):
     def start(self, timeout: float = 15.0) -> NsProxy:
         self._logf = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.topo.ns[self.host], sys.executable, "-m", "proxy",
-             "run", "--config", str(self.config)],
+            ["ip", "netns", "exec", self.topo.ns[self.host], *self.prefix, sys.executable, "-m",
+             "proxy", "run", "--config", str(self.config)],
             stdin=subprocess.DEVNULL, stdout=self._logf, stderr=self._logf, env=self.env,
             cwd=self.dir)
         self.wait_log(r"event=phase gen=1 .*phase=serving", timeout=timeout)
