@@ -33,7 +33,7 @@ from tests.support.mignet import (
 
 pytestmark = pytest.mark.netns
 
-STREAMS = 200
+STREAMS = 1000  # (each sends a line every ~0.5 s: 2,000 lines/s through the proxy)
 HTTP_CLIENTS = 8
 
 
@@ -58,7 +58,7 @@ def topo() -> Iterator[Topology]:
 def clients(topo: Topology, streams: int = STREAMS, http: int = HTTP_CLIENTS,
             stream: bool = True) -> subprocess.Popen[str]:
     args = ["clients", SERVICE, str(TCP_PORT), "--http-port", str(HTTP_PORT),
-            "--streams", str(streams), "--http", str(http)]
+            "--streams", str(streams), "--http", str(http), "--pace", str(streams / 2000)]
     proc = topo.spawn("cl", *(args + (["--stream"] if stream else [])))
     assert read_line(proc, 30) == "ready"
     return proc
@@ -83,11 +83,12 @@ def test_migrate_there_and_back(topo: Topology) -> None:
     a2 = None
     try:
         load = clients(topo)
+        time.sleep(1.0)  # every stream has sent a line or two
         before = resets(topo)
         out = move(a, "b")
         assert out.startswith("migrated: "), out
         n = int(out.split()[1])
-        assert n >= STREAMS + HTTP_CLIENTS + 1, out
+        assert n >= STREAMS + HTTP_CLIENTS + 2, out  # (+ the streaming response, the tunnel)
         assert topo.has_address("b", SERVICE) and topo.has_address("b", SOURCE)
         assert not topo.has_address("a", SERVICE)
         b.wait_log(r"event=migration_phase .*phase=live")
@@ -100,6 +101,7 @@ def test_migrate_there_and_back(topo: Topology) -> None:
         got = result(load)
         assert got["nerrors"] == 0, got
         assert got["chunks"] > 0 and got["requests"] > 0 and got["lines"] > STREAMS
+        assert got["tunnels"] == 1
         assert after == before, "client/upstream EstabResets, OutRsts changed"
     finally:
         if load is not None:

@@ -6,7 +6,8 @@
 goes). Prints "ready".
 
 `clients HOST PORT --streams N --http M --stream`: N sequence-checked echo streams, M keep-alive
-http clients and (with --stream) one streaming response, all through the proxy at HOST:PORT.
+http clients plus one websocket-style tunnel (an HTTP Upgrade, then echo lines) when M > 0, and
+(with --stream) one streaming response, all through the proxy at HOST:PORT.
 Prints "ready" once all are flowing; on the line "mark" the echo streams forget their worst
 round trip so far (answers "marked"); on the line "stop" it stops, checks that every byte came
 back exactly once, and prints one JSON line: errors, counts and the worst stall seen.
@@ -53,6 +54,14 @@ async def http_server(stream: trio.SocketStream) -> None:
         async with stream:
             while (head := await _read_head(stream, buf)) is not None:
                 target = head.split(b" ")[1]
+                if b"\r\nupgrade: " in head.lower():  # a websocket-style tunnel: 101, then echo
+                    await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\n"
+                                          b"upgrade: echo\r\nconnection: upgrade\r\n\r\n")
+                    if buf:
+                        await stream.send_all(bytes(buf))
+                    while data := await stream.receive_some(65536):
+                        await stream.send_all(data)
+                    return
                 if target == b"/stream":
                     await stream.send_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
                     n = 0
@@ -87,18 +96,30 @@ class Stats:
     pace: float = STREAM_PACE
     epoch: int = 0  # bumped by "mark": every client forgets its worst so far
     open: int = 0
+    tunnels: int = 0
 
 
 async def seq_stream(host: str, port: int, ident: int, stats: Stats, stop: trio.Event,
-                     started: trio.Event, want: int) -> None:
+                     started: trio.Event, want: int, upgrade: bool = False) -> None:
+    """Echo lines, each checked. `upgrade`: first an HTTP Upgrade (a websocket-style tunnel
+    through an http listener), then the same lines inside it."""
     seq, worst, worst_rtt, epoch = 0, 0.0, 0.0, 0
     try:
         stream = await trio.open_tcp_stream(host, port)
-        stats.open += 1
-        if stats.open == want:
-            started.set()
+        buf = bytearray()
+        if upgrade:
+            await stream.send_all(b"GET /tunnel HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\n"
+                                  b"upgrade: echo\r\n\r\n")
+            with trio.fail_after(10):
+                head = await _read_head(stream, buf)
+            if head is None or not head.startswith(b"HTTP/1.1 101"):
+                raise AssertionError(f"upgrade answered {head!r}")
+            stats.tunnels += 1
+        else:
+            stats.open += 1
+            if stats.open == want:
+                started.set()
         async with stream:
-            buf = bytearray()
             last = trio.current_time()
             while not stop.is_set():
                 out = b"%08d\n" % seq
@@ -212,6 +233,8 @@ async def clients(host: str, port: int, nstreams: int, nhttp: int, with_stream: 
                 await trio.sleep(0.01)
         for i in range(nhttp):
             nursery.start_soon(http_client, host, http_port, i, stats, stop)
+        if nhttp:  # and one websocket-style tunnel through the http listener
+            nursery.start_soon(seq_stream, host, http_port, -1, stats, stop, started, 0, True)
         if with_stream:
             nursery.start_soon(streaming, host, http_port, stats, stop)
         with trio.fail_after(60):
@@ -225,6 +248,7 @@ async def clients(host: str, port: int, nstreams: int, nhttp: int, with_stream: 
     gaps = sorted(stats.gaps)
     rtts = sorted(stats.rtts)
     print(json.dumps({"errors": stats.errors[:20], "nerrors": len(stats.errors),
+                      "tunnels": stats.tunnels,
                       "lines": stats.lines, "requests": stats.requests, "chunks": stats.chunks,
                       "clients": len(gaps), "p50": gaps[len(gaps) // 2] if gaps else 0,
                       "p99": gaps[int(len(gaps) * 0.99)] if gaps else 0,
