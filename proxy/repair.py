@@ -236,9 +236,14 @@ def restore(d: SocketDump) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
         # (No SO_REUSEADDR: it would replace the SK_FORCE_REUSE that TCP_REPAIR set, which is
         # what lets this bind coexist with our own listener on the same address and port.)
-        # The unacknowledged bytes must fit: the default 16 KB send buffer does not.
-        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, max(d.sndbuf, 4 * len(d.send_queue)))
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, max(d.rcvbuf, 4 * len(d.recv_queue)))
+        if d.send_queue or d.recv_queue:
+            # The queued bytes must fit: the default 16 KB send buffer does not hold what A had
+            # sent unacknowledged. (Only then: forcing a size locks it, which ends the kernel's
+            # buffer autotuning for this socket, and costs two calls per socket in the freeze.)
+            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE,
+                            max(d.sndbuf, 4 * len(d.send_queue)))
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE,
+                            max(d.rcvbuf, 4 * len(d.recv_queue)))
         sock.bind(d.local)
         sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
         _set_u32(sock, TCP_QUEUE_SEQ, d.rcv_seq - len(d.recv_queue))
