@@ -17,17 +17,22 @@ Theory of operation (A gives, B takes; B's role in the session is "new", A's "ol
     local, no upgrade under way), opens netlink and ARP sockets, connects to B, authenticates.
  2. HELLO (B) / WELCOME (A) / LISTENERS (A: the moving addresses, which must be B's too) /
     READY (B: it checked its capabilities and opened its netlink and ARP sockets).
- 3. A stops accepting, holds idle http clients, and waits (up to MOVABLE_WAIT) until every
-    connection is movable with both sockets ESTABLISHED: connects to an upstream in progress,
-    requests not at a pausable point and half-closed pairs finish on A first. Still some left:
-    the migration fails, nothing moved.
- 4. Freeze: A removes the moving addresses (from here its kernel drops their packets silently)
-    and sends RELEASED. Then, a batch at a time: pause the connections, TCP_REPAIR=1 and dump
-    each socket, send CONNS with the dumps; B restores every socket (in repair mode: nothing on
-    the wire, nothing running) and ACKs. A keeps its own sockets, paused and in repair mode.
+ 3. A stops accepting, holds idle http clients, closes its idle pooled upstream connections
+    (waiting, bounded, for the server's FIN while the source address is still here), and waits
+    (up to MOVABLE_WAIT) until every connection is movable with both sockets ESTABLISHED:
+    connects to an upstream in progress, requests not at a pausable point and half-closed pairs
+    finish on A first. Still some left: the migration fails, nothing moved.
+ 4. A pauses every connection at once (no handler runs between the check and the pause), then
+    the freeze: it arms the replay capture and removes the moving addresses (from here its
+    kernel drops their packets silently), sends RELEASED, then a batch at a time: TCP_REPAIR=1
+    and dump each socket, send CONNS with the dumps; B restores every socket (in repair mode:
+    nothing on the wire, nothing running) and ACKs. A keeps its own sockets, paused and in
+    repair mode, until the end.
  5. A sends DONE: the commit. A closes its sockets (in repair mode: silently). B adds the
     addresses, sends gratuitous ARP, leaves repair mode on every socket, resumes every
-    connection, and reports (REPORT: counts and times). A answers the CLI and exits.
+    connection, and reports (REPORT: counts, times, its MACs). A re-sends to those MACs what it
+    captured for the moving addresses during the freeze (the replay: the peers need not wait for
+    their retransmission timeout), answers the CLI and exits.
 Failure before DONE was sent (B unreachable, refuses the key, aborts, dies, times out, sends
 garbage; an error of ours): A re-adds the addresses, leaves repair mode on its own sockets and
 resumes everything; B closes what it restored (still in repair mode: silently). So everything
@@ -67,29 +72,25 @@ from proxy import __version__, log, pidfile, repair, sockopts
 from proxy.channel import bind_channel, peer_allowed
 from proxy.config import Address, Config, SocketOptions, parse_address
 from proxy.faults import fault_point
-from proxy.frames import ProtocolError
 from proxy.gcpause import GcPause, gc_paused
 from proxy.metrics import Metrics
-from proxy.migwire import (
-    KIND_REPORT,
-    KIND_SESSION,
-    Payload,
-    Wire,
-    WireError,
-    parse_payload,
-    report_payload,
-    session_payload,
+from proxy.migchannel import (
+    AUTH_TIMEOUT,
+    STEP_TIMEOUT,
+    MigChannel,
+    MigrationError,
+    PeerAborted,
+    describe,
 )
+from proxy.migwire import Wire
 from proxy.netaddr import AddressError, Addresses, parse_moving
 from proxy.server import Server, bind_tcp, listener_key
 from proxy.takeover import (
     PROTOCOLS,
-    Abort,
     Ack,
     ConnRecord,
     Conns,
     Done,
-    Event,
     Hello,
     Listeners,
     Ready,
@@ -102,8 +103,6 @@ from proxy.takeover import (
 MIGRATION_LISTENER = "__migration__"
 CONTROL_LISTENER = "__control__"
 CONNECT_TIMEOUT = 5.0  # A -> B's migration port
-AUTH_TIMEOUT = 5.0  # the handshake; a peer that says nothing is dropped
-STEP_TIMEOUT = 10.0  # any other wait for the peer
 MOVABLE_WAIT = 10.0  # step 3's bound (or drain_timeout when shorter)
 REPORT_WAIT = 10.0  # after DONE, B's word that it is live
 POOL_CLOSE_WAIT = 1.0  # closing idle upstream connections: the bound on their FIN exchange
@@ -111,11 +110,6 @@ BATCH = 128  # connections per CONNS batch
 WINDOW = 4  # batches in flight
 CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
 CONTROL_MAX = 4096  # a control request's bound
-
-
-class MigrationError(Exception):
-    """A migration failed; str() is the reason reported (everything is still served where it
-    was)."""
 
 
 def control_path(cfg: Config) -> Path:
@@ -135,126 +129,6 @@ def missing_caps() -> list[str]:
             eff = int(line.split()[1], 16)
     return [name for name, bit in (("CAP_NET_ADMIN", CAP_NET_ADMIN), ("CAP_NET_RAW", CAP_NET_RAW))
             if not eff >> bit & 1]
-
-
-# ---- the channel adapter ---------------------------------------------------------------------
-
-class PeerAborted(MigrationError):
-    pass
-
-
-class MigChannel:
-    """One authenticated migration channel: a TCP socket, a `Wire` and a `Session`."""
-
-    def __init__(self, sock: socket.socket, wire: Wire, session: Session) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-        self.wire = wire
-        self.session = session
-        self._payloads: list[bytes] = []
-
-    async def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                n = self.sock.send(view)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.sock)
-                continue
-            view = view[n:]
-
-    async def _read(self) -> None:
-        while True:
-            try:
-                data = self.sock.recv(1 << 20)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.sock)
-                continue
-            break
-        if not data:
-            raise EOFError("the migration peer closed the channel")
-        self.wire.receive_data(data)
-
-    async def handshake(self) -> None:
-        """Authenticate both ways (bounded by AUTH_TIMEOUT). Raises MigrationError."""
-        try:
-            with trio.fail_after(AUTH_TIMEOUT):
-                await self._write(self.wire.output())
-                while not self.wire.authenticated:
-                    await self._read()
-                    await self._write(self.wire.output())
-        except (WireError, EOFError, OSError, trio.TooSlowError) as exc:
-            raise MigrationError(f"authentication failed: {_describe(exc)}") from exc
-
-    async def send(self, event: Event, dumps: list[repair.SocketDump] | None = None) -> None:
-        try:
-            frame = self.session.send(event)
-            data = self.wire.seal(session_payload(frame, dumps or []))
-            with trio.fail_after(STEP_TIMEOUT):
-                await self._write(data)
-        except (WireError, ProtocolError, OSError, trio.TooSlowError) as exc:
-            raise MigrationError(_describe(exc)) from exc
-
-    async def send_report(self, report: dict[str, Any]) -> None:
-        with trio.fail_after(STEP_TIMEOUT):
-            await self._write(self.wire.seal(report_payload(report)))
-
-    async def _payload(self, timeout: float) -> Payload:
-        with trio.fail_after(timeout):
-            while (raw := self.wire.next_payload()) is None:
-                await self._read()
-        return parse_payload(raw)
-
-    async def receive(self, timeout: float = STEP_TIMEOUT
-                      ) -> tuple[Event, tuple[repair.SocketDump, ...]]:
-        """The next session event with the dumps it carries. Raises MigrationError
-        (PeerAborted for an ABORT)."""
-        try:
-            p = await self._payload(timeout)
-            if p.kind != KIND_SESSION:
-                raise WireError("a report where a session message was expected")
-            self.session.receive_data(p.session)
-            got = self.session.next_event()
-            if got is None or self.session.next_event() is not None:
-                raise WireError("a frame must carry exactly one session message")
-        except (WireError, ProtocolError, EOFError, OSError, trio.TooSlowError) as exc:
-            raise MigrationError(_describe(exc)) from exc
-        event, fds = got
-        fds.close()
-        if isinstance(event, Abort):
-            raise PeerAborted(f"the peer aborted: {event.reason[:200]}")
-        if p.dumps and not isinstance(event, Conns):
-            raise MigrationError("socket dumps outside a CONNS message")
-        return event, p.dumps
-
-    async def receive_report(self, timeout: float) -> dict[str, Any]:
-        try:
-            p = await self._payload(timeout)
-        except (WireError, EOFError, OSError, trio.TooSlowError) as exc:
-            raise MigrationError(_describe(exc)) from exc
-        if p.kind != KIND_REPORT or p.report is None:
-            raise MigrationError("expected the peer's report")
-        return p.report
-
-    async def abort(self, reason: str) -> None:
-        with contextlib.suppress(MigrationError, ProtocolError, WireError, OSError,
-                                 trio.TooSlowError), trio.move_on_after(1.0):
-            if self.wire.authenticated:
-                await self.send(Abort(reason, serving=True))
-
-    def close(self) -> None:
-        self.session.close()
-        self.sock.close()
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, trio.TooSlowError):
-        return "the migration peer did not answer in time"
-    if isinstance(exc, EOFError):
-        return "the migration peer closed the channel"
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{type(exc).__name__}: {exc.strerror}"
-    return f"{type(exc).__name__}: {exc}"
 
 
 # ---- the side listeners and the two roles ---------------------------------------------------
@@ -763,7 +637,7 @@ async def _connect(to: Address, key: bytes) -> MigChannel:
                 tsock.close()
                 raise
     except (OSError, trio.TooSlowError) as exc:
-        raise MigrationError(f"cannot reach the migration peer {to}: {_describe(exc)}") from exc
+        raise MigrationError(f"cannot reach the migration peer {to}: {describe(exc)}") from exc
     sock = socket.socket(fileno=tsock.detach())
     ch = MigChannel(sock, Wire("A", key), Session(Role.OLD, carries_fds=False))
     try:
