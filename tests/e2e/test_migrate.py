@@ -69,6 +69,14 @@ def resets(topo: Topology) -> tuple[int, ...]:
     return c["EstabResets"], c["OutRsts"], u["EstabResets"], u["OutRsts"]
 
 
+def metrics_text(topo: Topology, p: NsProxy) -> str:
+    """GET /metrics of a proxy, from inside its namespace."""
+    m = p.wait_log(r"event=metrics_listening .*addr=(\S+)")
+    return topo.run(p.host, sys.executable, "-c",
+                    f"import urllib.request; print(urllib.request.urlopen("
+                    f"'http://{m.group(1)}/metrics', timeout=5).read().decode())")
+
+
 def move(src: NsProxy, dst_host: str) -> str:
     res = src.migrate(f"{HOSTS[dst_host]}:{MIG_PORT}")
     assert res.returncode == 0, f"{res.stderr}\nA log:\n{src.tail()}"
@@ -92,6 +100,9 @@ def test_migrate_there_and_back(topo: Topology) -> None:
         assert topo.has_address("b", SERVICE) and topo.has_address("b", SOURCE)
         assert not topo.has_address("a", SERVICE)
         b.wait_log(r"event=migration_phase .*phase=live")
+        text = metrics_text(topo, b)
+        assert 'proxy_migrations_total{result="success"} 1.0' in text
+        assert f"proxy_migrated_connections_total {float(n)}" in text
         # and back, to a fresh proxy on A
         a2 = NsProxy(topo, "a").start()
         out = move(b, "a")
