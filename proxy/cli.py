@@ -37,6 +37,14 @@ def _parser() -> argparse.ArgumentParser:
         if name == "upgrade":
             sp.add_argument("--timeout", type=float, default=None,
                             help="seconds to wait (default: upgrade_timeout + 5)")
+    mig = sub.add_parser("migrate", help="move every connection and the moving addresses to "
+                         "the proxy of another host (see README, Host migration)")
+    mig.add_argument("--config", default="config.toml", type=Path)
+    mig.add_argument("--to", required=True, help="HOST:PORT, the peer's [migration] listen")
+    mig.add_argument("--timeout", type=float, default=None,
+                     help="seconds to wait for the outcome (default: drain_timeout + 60)")
+    mig.add_argument("--no-replay", action="store_true",
+                     help="do not re-send to the peer the packets that arrived during the freeze")
     demo = sub.add_parser("demo", help="self-contained live demo of hot upgrades")
     demo.add_argument("--upgrades", type=int, default=3)
     demo.add_argument("--streams", type=int, default=4)
@@ -60,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "upgrade":
         return upgrade(cfg, args.timeout)
+    if args.command == "migrate":
+        return migrate_cmd(cfg, args.to, args.timeout, not args.no_replay)
     from proxy import generation
 
     log.setup(cfg.proxy.log_level)
@@ -147,4 +157,29 @@ def upgrade(cfg: config.Config, timeout: float | None) -> int:
         time.sleep(0.02)
     print(f"proxy upgrade: no outcome within the timeout; pid {pidfile.read(cfg.proxy.pidfile)}"
           " serves (see its log)", file=sys.stderr)
+    return 1
+
+
+def migrate_cmd(cfg: config.Config, to: str, timeout: float | None, replay: bool = True) -> int:
+    """Ask this host's proxy (its control socket) to migrate to `to`; print the outcome."""
+    from proxy import migrate
+
+    if cfg.migration is None:
+        print("proxy migrate: no [migration] section in the config", file=sys.stderr)
+        return 1
+    try:
+        config.parse_address("--to", to)
+    except config.ConfigError as exc:
+        print(f"proxy migrate: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        reply = migrate.request(cfg, to, timeout or cfg.proxy.drain_timeout + 60.0, replay)
+    except (OSError, ValueError) as exc:
+        print(f"proxy migrate: no answer from the local proxy: {exc}", file=sys.stderr)
+        return 1
+    if reply.get("ok"):
+        print(f"migrated: {reply.get('moved')} connections in {reply.get('ms')} ms")
+        return 0
+    print(f"proxy migrate: failed: {reply.get('reason')} (every connection is still served here)",
+          file=sys.stderr)
     return 1

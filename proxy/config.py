@@ -8,10 +8,12 @@ timeout where the key says so.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -104,6 +106,26 @@ class Upstream:
     fail_timeout: float = 10.0  # ...for this long (then it is tried again)
     pool_max_idle: int = 32  # http mode: idle keep-alive connections kept per server
     pool_idle_timeout: float = 30.0  # ...each for at most this long
+    source: str = ""  # local address for connections to these servers ("": the kernel's choice)
+    source_moves: bool = False  # `source` is a [migration] address: bind it even when not local
+
+
+MIN_KEY_BYTES = 32
+
+
+@dataclass(frozen=True)
+class MigrationSection:
+    """`[migration]`: host migration (proxy/migrate.py). `addresses` are "ADDR/PREFIX dev IF"
+    strings, parsed by proxy.netaddr.parse_moving (validated here)."""
+
+    listen: Address
+    key_file: Path
+    key: bytes = field(repr=False)
+    addresses: tuple[str, ...]
+
+    @property
+    def ips(self) -> frozenset[str]:
+        return frozenset(a.split()[0].split("/")[0] for a in self.addresses)
 
 
 @dataclass(frozen=True)
@@ -113,6 +135,11 @@ class Config:
     metrics: MetricsSection | None
     listeners: tuple[Listener, ...]
     upstreams: Mapping[str, Upstream]
+    migration: MigrationSection | None = None
+
+    def moves(self, host: str) -> bool:
+        """Whether `host` is one of the `[migration] addresses` (bind it with IP_FREEBIND)."""
+        return self.migration is not None and host in self.migration.ips
 
 
 MODES = ("tcp", "http")
@@ -309,9 +336,60 @@ def _upstream(key: str, name: str, raw: object) -> Upstream:
         fail_timeout=t.get("fail_timeout", _seconds, d.fail_timeout),
         pool_max_idle=t.get("pool_max_idle", _count, d.pool_max_idle),
         pool_idle_timeout=t.get("pool_idle_timeout", _positive_seconds, d.pool_idle_timeout),
+        source=t.get("source", _ip, d.source),
     )
     t.finish()
     return up
+
+
+def _ip(key: str, v: object) -> str:
+    s = _str(key, v)
+    try:
+        return str(ipaddress.ip_address(s))
+    except ValueError:
+        raise ConfigError(key, f"expected an IP address, got {s!r}") from None
+
+
+def _moving_address(key: str, v: object) -> str:
+    s = _str(key, v)
+    parts = s.split()
+    try:
+        if len(parts) != 3 or parts[1] != "dev":
+            raise ValueError
+        ipaddress.ip_interface(parts[0])
+    except ValueError:
+        raise ConfigError(key, f"expected \"ADDR/PREFIX dev IFNAME\", got {s!r}") from None
+    return s
+
+
+def _key(key: str, path: Path) -> bytes:
+    """The shared migration key: at least MIN_KEY_BYTES bytes, readable by its owner only."""
+    try:
+        st = os.stat(path)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read migration key {path}: {exc.strerror}") from exc
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise ConfigError(key, f"migration key {path} has mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}: must be 0600 (owner only)")
+    if len(data) < MIN_KEY_BYTES:
+        raise ConfigError(key, f"migration key {path} holds {len(data)} bytes: "
+                          f"at least {MIN_KEY_BYTES} needed")
+    return data
+
+
+def _migration(raw: object, base: Path) -> MigrationSection:
+    t = _Table("migration", raw)
+    key_file = t.get("key_file", _path(base))
+    addrs_raw = t.value("addresses", None)
+    if not isinstance(addrs_raw, list) or not addrs_raw:
+        raise ConfigError(t.sub("addresses"), "expected a non-empty array of \"ADDR/PREFIX dev IF\"")
+    addresses = tuple(_moving_address(f"{t.sub('addresses')}[{i}]", a)
+                      for i, a in enumerate(addrs_raw))
+    m = MigrationSection(listen=t.get("listen", parse_address), key_file=key_file,
+                         key=_key(t.sub("key_file"), key_file), addresses=addresses)
+    t.finish()
+    return m
 
 
 def parse(raw: dict[str, Any], path: Path) -> Config:
@@ -337,9 +415,14 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         metrics = MetricsSection(listen=m.get("listen", parse_address))
         m.finish()
 
+    migration = _migration(top.value("migration", None), base) if top.has("migration") else None
+
     ups_t = _Table("upstream", top.value("upstream", {}))
     upstreams = {n: _upstream(f"upstream.{n}", n, ups_t.raw[n]) for n in ups_t.raw}
     ups_t.seen.update(upstreams)
+    if migration is not None:
+        upstreams = {n: replace(u, source_moves=u.source in migration.ips)
+                     for n, u in upstreams.items()}
 
     lst_raw = top.value("listener", [])
     if not isinstance(lst_raw, list) or not lst_raw:
@@ -359,7 +442,8 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         names.add(lst.name)
         addrs.add(lst.listen)
     top.finish()
-    return Config(path=path, proxy=proxy, metrics=metrics, listeners=listeners, upstreams=upstreams)
+    return Config(path=path, proxy=proxy, metrics=metrics, listeners=listeners, upstreams=upstreams,
+                  migration=migration)
 
 
 def load(path: str | Path) -> Config:
@@ -387,5 +471,9 @@ def summary(cfg: Config) -> str:
         lines.append(f"  listener {lst.name} {lst.listen} mode={lst.mode} -> {lst.upstream}")
     for up in cfg.upstreams.values():
         servers = ", ".join(str(s) for s in up.servers)
-        lines.append(f"  upstream {up.name} {up.balance}: {servers}")
+        lines.append(f"  upstream {up.name} {up.balance}: {servers}"
+                     + (f" source={up.source}" if up.source else ""))
+    if cfg.migration:
+        lines.append(f"  migration listen={cfg.migration.listen} "
+                     f"addresses={', '.join(cfg.migration.addresses)}")
     return "\n".join(lines)

@@ -8,7 +8,9 @@ one upgrade at a time. Never set in production (the README lists it under "test-
 the variable is unset every hook is a dictionary lookup and a return.
 
 Steps: new: start, before_ready, after_conns, after_ack, after_released;
-       old: after_ready, after_released, after_conns, before_done.
+       old: after_ready, after_released, after_conns, before_done;
+       migrate_in (host migration, the receiving proxy): before_ack;
+       migrate_out (the giving proxy): after_conns.
 """
 
 from __future__ import annotations

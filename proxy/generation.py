@@ -19,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from proxy import __version__, log, metrics_http, notify, pidfile, sigdispatch
+from proxy import __version__, log, metrics_http, migrate, notify, pidfile, sigdispatch
 from proxy.adopt import (
     WORKER_CHANNEL,
     Options,
@@ -106,6 +106,8 @@ async def run(cfg: Config, argv: list[str], takeover: bool, spec: WorkerSpec | N
                               extra_sockets=lambda: {f"{WORKER_CHANNEL}@{w0_path}": w0[0]},
                               via_workers=w0_exit.wait)
             upgrader = Upgrader(cfg, server, metrics, argv, root.start_soon, exit_now, hooks)
+            if spec is None:  # a worker holds no addresses of its own: its supervisor would
+                migrate.install(cfg, server, metrics, upgrader, exit_now)  # (issue 11)
 
             def on_channel(sock: socket.socket) -> None:
                 root.start_soon(upgrader.serve_channel, sock)

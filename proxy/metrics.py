@@ -74,6 +74,9 @@ class Family:
         self.kind, self.name, self.doc, self.labelnames = kind, name, doc, tuple(labels)
         self.buckets = tuple(buckets)
         self.children: dict[tuple[str, ...], Any] = {}
+        # False: left out of snapshot() while every value is 0, so a release that does not know
+        # this family (a downgrade) can still take over from us (its restore() is strict).
+        self.carry_if_zero = True
 
     def labels(self, *values: str) -> Any:
         child = self.children.get(values)
@@ -153,6 +156,16 @@ class Metrics(Collector):
         self.worker_lost_connections = f(
             "counter", "proxy_worker_lost_connections_total",
             "Connections a worker held when it died (they died with it).")
+        # Host migration (migrate.py): the receiving proxy counts success and the connections
+        # it resumed; the giving one counts failures (on success it exits).
+        self.migrations = f("counter", "proxy_migrations_total", "Host migrations by result.",
+                            ["result"])
+        self.migrated_connections = f("counter", "proxy_migrated_connections_total",
+                                      "Connections received by host migration and resumed.")
+        self.migrated_connections.labels()
+        self.migrations.carry_if_zero = self.migrated_connections.carry_if_zero = False
+        for result in ("success", "failed"):
+            self.migrations.labels(result)
         self.generation.labels().set(generation)
         self.workers.labels().set(1)
         self.build_info.labels(version).set(1)
@@ -200,6 +213,9 @@ class Metrics(Collector):
         out: dict[str, list[Any]] = {}
         for fam in self.families:
             if not fam.children or (families is not None and (fam.name in families) == exclude):
+                continue
+            if not fam.carry_if_zero and not any(
+                    getattr(c, "value", 1) for c in fam.children.values()):
                 continue
             if fam.kind == "counter":
                 out[fam.name] = [[list(lv), c.value] for lv, c in fam.children.items()]

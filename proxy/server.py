@@ -22,6 +22,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -44,6 +45,19 @@ ACCEPT_BACKOFF_MAX = 1.0
 
 METRICS_LISTENER = "__metrics__"
 TAKEOVER_LISTENER = "__takeover__"
+
+
+class SideListeners(Protocol):
+    """Listening sockets of another kind served with the listeners (migrate.MigrationSide):
+    taken from a hot upgrade or bound, handed to the next one, accepting while we accept."""
+
+    def open(self, inherited: dict[str, socket.socket]) -> None: ...  # pops what it takes
+
+    def sockets(self) -> dict[str, socket.socket]: ...
+
+    async def serve(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(eq=False)
@@ -70,11 +84,17 @@ def listener_key(name: str, addr: Address | str) -> str:
     return f"{name}@{addr}"
 
 
-def bind_tcp(addr: Address, backlog: int) -> socket.socket:
+def bind_tcp(addr: Address, backlog: int, freebind: bool = False) -> socket.socket:
+    """`freebind`: bind even while the address is not local (a [migration] address: the
+    host that does not hold it yet is ready the moment it arrives)."""
     fam = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
     sock = socket.socket(fam, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if freebind:
+            sock.setsockopt(socket.IPPROTO_IP if fam == socket.AF_INET else socket.IPPROTO_IPV6,
+                            upstream.IP_FREEBIND if fam == socket.AF_INET
+                            else upstream.IPV6_FREEBIND, 1)
         sock.bind((addr.host, addr.port))
         sock.listen(backlog)
         sock.setblocking(False)
@@ -113,6 +133,7 @@ class Server:
         self._adopted: dict[int, Conn] = {}  # received, not started yet
         self._handlers_scope = trio.CancelScope()
         self.metrics_handler: Callable[[socket.socket], Awaitable[None]] | None = None
+        self.side: SideListeners | None = None  # host migration's sockets (migrate.py)
 
     # ---- listeners ---------------------------------------------------------------------------
 
@@ -126,7 +147,8 @@ class Server:
                 sock = inherited.pop(listener_key(lst.name, lst.listen), None)
                 how = "inherited"
                 if sock is None:
-                    sock, how = bind_tcp(lst.listen, lst.backlog), "bound"
+                    sock = bind_tcp(lst.listen, lst.backlog, self.cfg.moves(lst.listen.host))
+                    how = "bound"
                 sock.setblocking(False)
                 self.listeners[lst.name] = ListenerRuntime(lst, sock, self._http_side(lst))
                 self.metrics.connections_active.labels(lst.name)
@@ -142,6 +164,8 @@ class Server:
                 sock.setblocking(False)
                 self.metrics_sock = sock
                 log.info("metrics_listening", addr=sock_addr(sock), how=how)
+            if self.side is not None:
+                self.side.open(inherited)
         except BaseException:
             self.close_listeners()
             raise
@@ -162,6 +186,8 @@ class Server:
         out = {listener_key(lr.cfg.name, lr.cfg.listen): lr.sock for lr in self.listeners.values()}
         if self.cfg.metrics is not None and self.metrics_sock is not None:
             out[listener_key(METRICS_LISTENER, self.cfg.metrics.listen)] = self.metrics_sock
+        if self.side is not None:
+            out.update(self.side.sockets())
         return out
 
     def close_listeners(self) -> None:
@@ -175,6 +201,8 @@ class Server:
             if sock.fileno() >= 0:
                 trio.lowlevel.notify_closing(sock)
                 sock.close()
+        if self.side is not None:
+            self.side.close()
 
     # ---- accepting ---------------------------------------------------------------------------
 
@@ -192,6 +220,8 @@ class Server:
                         nursery.start_soon(self._accept_loop, lr.sock, lr)
                     if self.metrics_sock is not None:
                         nursery.start_soon(self._accept_loop, self.metrics_sock, None)
+                    if self.side is not None:
+                        nursery.start_soon(self.side.serve)
         finally:
             if self.accept_scope is scope:
                 self.accepting = False

@@ -89,6 +89,21 @@ async def _resolve(addr: Address) -> tuple[int, tuple[str, int]]:
     return fam, (addr.host, addr.port)
 
 
+IP_FREEBIND = 15  # linux/in.h
+IPV6_FREEBIND = 78  # linux/in6.h
+IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h: pick the port at connect(), per destination
+
+
+def bind_source(sock: socket.socket, cfg: Upstream) -> None:
+    """Bind the upstream `source` address (nginx's proxy_bind). A source that moves with a
+    host migration binds even while it is not local (IP_FREEBIND). Raises OSError."""
+    if sock.family == socket.AF_INET:
+        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        if cfg.source_moves:
+            sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+    sock.bind((cfg.source, 0))
+
+
 async def connect_one(addr: Address, cfg: Upstream) -> socket.socket:
     """One connect attempt within `connect_timeout`; raises OSError or trio.TooSlowError."""
     fam, sa = await _resolve(addr)
@@ -96,6 +111,8 @@ async def connect_one(addr: Address, cfg: Upstream) -> socket.socket:
     try:
         sock.setblocking(False)
         sockopts.apply(sock, cfg.sockopts)
+        if cfg.source:
+            bind_source(sock, cfg)
         with trio.fail_after(cfg.connect_timeout):
             err = sock.connect_ex(sa)
             if err == errno.EINPROGRESS:
