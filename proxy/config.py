@@ -416,6 +416,10 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         m.finish()
 
     migration = _migration(top.value("migration", None), base) if top.has("migration") else None
+    if migration is not None and proxy.workers > 1:
+        # A migration dumps every connection of one process; with workers the supervisor holds
+        # none of them (coordinating N workers' dumps is not built).
+        raise ConfigError("proxy.workers", "host migration ([migration]) needs workers = 1")
 
     ups_t = _Table("upstream", top.value("upstream", {}))
     upstreams = {n: _upstream(f"upstream.{n}", n, ups_t.raw[n]) for n in ups_t.raw}

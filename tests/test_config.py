@@ -147,3 +147,15 @@ def test_workers_auto_is_the_cpu_count(tmp_path: Path) -> None:
     assert auto.proxy.workers == max(1, min(256, os.cpu_count() or 1))
     assert load_text(tmp_path, GOOD.replace("[proxy]\n", "[proxy]\nworkers = 3\n")
                      ).proxy.workers == 3
+
+
+def test_migration_needs_a_single_process(tmp_path: Path) -> None:
+    key = tmp_path / "k"
+    key.write_bytes(b"k" * 32)
+    key.chmod(0o600)
+    text = GOOD.replace("[proxy]\n", "[proxy]\nworkers = 2\n") + (
+        '[migration]\nlisten = "127.0.0.1:7070"\nkey_file = "k"\n'
+        'addresses = ["10.77.0.100/32 dev eth0"]\n')
+    with pytest.raises(config.ConfigError, match=r"^proxy\.workers: host migration"):
+        load_text(tmp_path, text)
+    load_text(tmp_path, text.replace("workers = 2", "workers = 1"))
