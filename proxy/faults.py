@@ -10,7 +10,8 @@ the variable is unset every hook is a dictionary lookup and a return.
 Steps: new: start, before_ready, after_conns, after_ack, after_released;
        old: after_ready, after_released, after_conns, before_done;
        migrate_in (host migration, the receiving proxy): before_ack;
-       migrate_out (the giving proxy): after_conns.
+       migrate_out (the giving proxy): before_freeze, after_conns;
+       worker<K> (worker K of a new generation): start.
 """
 
 from __future__ import annotations

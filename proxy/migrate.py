@@ -141,6 +141,7 @@ class _Moving:
     ids: list[int] = field(default_factory=list)
     dump_s: float = 0.0
     socks: list[socket.socket] = field(default_factory=list)  # in repair mode, still the handlers'
+    accepted: int = 0  # the last `accepted` of records/socks came from the backlog: ours to close
 
 
 class MigrationSide:
@@ -308,6 +309,7 @@ class MigrationSide:
         srv.stop_accepting()
         srv.hold.hold()
         try:
+            await fault_point("migrate_out", "before_freeze")
             await self._wait_movable()
             # Idle pooled upstream connections do not move: close them while the source address
             # is still here and wait for the server's FIN (after the move its late packets
@@ -328,6 +330,16 @@ class MigrationSide:
                 addrs.start_capture()  # (the replay: what arrives from now on is kept)
                 addrs.remove()
                 frozen = True
+                # No SYN reaches us now: what sits in the listen backlog (connected since we
+                # stopped accepting) moves too, as connections B handles as new ones.
+                for rec, sock in srv.take_backlog():
+                    if not _established(sock.fileno()):  # the client already closed: done
+                        log.info("migration_backlog_closed", client=rec.client)
+                        sock.close()
+                        continue
+                    state.records.append(rec)
+                    state.socks.append(sock)
+                    state.accepted += 1
                 self._phase("freeze", connections=len(state.records),
                             pause_ms=round((t0 - tp) * 1000, 1))
                 await ch.send(Released({}))
@@ -344,10 +356,14 @@ class MigrationSide:
                 raise MigrationError(reason) from exc
             raise
         # Committed: B owns everything. Our sockets close in repair mode (nothing on the wire).
-        for s in state.socks:
-            s.detach()
+        cut = len(state.socks) - state.accepted
+        for s in state.socks[:cut]:
+            s.detach()  # (the handlers' fds: acknowledge() closes them)
+        for s in state.socks[cut:]:
+            s.close()
         state.socks.clear()
-        n = srv.acknowledge(state.ids)
+        state.ids = [r.id for r in state.records[:len(state.records) - state.accepted]]
+        n = srv.acknowledge(state.ids) + state.accepted
         self._phase("committed", moved=n, sent_ms=round(dumped_ms, 1),
                     dump_ms=round(state.dump_s * 1000, 1))
         try:
@@ -422,10 +438,15 @@ class MigrationSide:
                 addrs.announce()
             except AddressError as exc:
                 log.error("migration_rollback_address", reason=str(exc))
-        for s in state.socks:
+        cut = len(state.socks) - state.accepted
+        for i, s in enumerate(state.socks):
             with contextlib.suppress(OSError):
                 s.setsockopt(socket.IPPROTO_TCP, repair.TCP_REPAIR, repair.TCP_REPAIR_OFF)
-            s.detach()
+            if i < cut:
+                s.detach()
+            else:  # from the backlog: handled here after all
+                srv.accept_now(state.records[i - cut + len(state.records) - state.accepted]
+                               .listener, s)
         state.socks.clear()
         srv.hold.release()
         kept = srv.resume_exported()

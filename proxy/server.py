@@ -131,6 +131,7 @@ class Server:
         self._exported: dict[int, Conn] = {}  # paused and sent, not acknowledged: still ours
         self._exported_mode: dict[int, str] = {}  # as what each went (http_exchange: mid-body)
         self._adopted: dict[int, Conn] = {}  # received, not started yet
+        self._adopted_accepts: dict[int, tuple[str, socket.socket]] = {}  # (listener, client)
         self._handlers_scope = trio.CancelScope()
         self.metrics_handler: Callable[[socket.socket], Awaitable[None]] | None = None
         self.side: SideListeners | None = None  # host migration's sockets (migrate.py)
@@ -485,6 +486,9 @@ class Server:
                 for sk in socks:
                     sk.close()
                 raise
+        elif rec.mode == "accepted":
+            self._adopted_accepts[conn.id] = (rec.listener, socks[0])
+            return conn.id
         elif rec.mode in ("http", "http_exchange"):  # the listener is gone: close, never run
             for sk in socks:
                 sk.close()
@@ -510,6 +514,9 @@ class Server:
                 c.handler.close()
             self.forget(c)
         self._adopted.clear()
+        for _, sock in self._adopted_accepts.values():
+            sock.close()
+        self._adopted_accepts.clear()
 
     def start(self, ids: list[int]) -> None:
         """Run adopted connections."""
@@ -517,6 +524,41 @@ class Server:
             c = self._adopted.pop(cid, None)
             if c is not None:
                 self.spawn(self.run_handler, c)
+            elif cid in self._adopted_accepts:
+                name, sock = self._adopted_accepts.pop(cid)
+                self.accept_now(name, sock)
+
+    # ---- the listen backlog (host migration) -------------------------------------------------
+
+    def take_backlog(self) -> list[tuple[ConnRecord, socket.socket]]:
+        """Every connection still queued on our listeners, accepted now and not handled: what a
+        host migration moves with the rest once the addresses are gone (no new one can come).
+        Records of mode "accepted"; the sockets are the caller's."""
+        out = []
+        for lr in self.listeners.values():
+            while lr.sock.fileno() >= 0:
+                try:
+                    csock, addr = lr.sock.accept()
+                except OSError:  # BlockingIOError: the queue is empty
+                    break
+                out.append((ConnRecord(next(self._ids), lr.cfg.name, "accepted",
+                                       str(Address(addr[0], addr[1])), "", PairSnapshot()),
+                            csock))
+        return out
+
+    def accept_now(self, listener: str, sock: socket.socket) -> None:
+        """Handle a client connection accepted elsewhere (a backlog that moved, or one taken
+        back on a rollback) as if our accept loop had just taken it."""
+        lr = self.listeners.get(listener)
+        try:
+            addr = sock.getpeername()
+        except OSError:
+            addr = None
+        if lr is None or addr is None:
+            sock.close()
+            return
+        sock.setblocking(False)
+        self._accepted(lr, sock, addr)
 
     async def sweep_idle(self) -> None:
         """One task for every pair's idle_timeout: look at each relay a few times per timeout."""

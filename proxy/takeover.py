@@ -83,7 +83,9 @@ __all__ = ["MAX_FDS", "LocalProtocolError", "OwnedFds", "ProtocolError"]
 
 PROTOCOLS = (1, 4)  # the protocol versions this release speaks (lo, hi)
 ACK_WINDOW = 4  # CONNS batches the old side may send ahead of their ACK
-FDS_PER_MODE = {"tcp": 2, "tunnel": 2, "http": 1, "http_exchange": 2}  # client [, upstream]
+# client [, upstream]; "accepted" (host migration only): a client connection taken from the
+# listen backlog at the freeze, not handled yet (the receiving proxy handles it as a new one)
+FDS_PER_MODE = {"tcp": 2, "tunnel": 2, "http": 1, "http_exchange": 2, "accepted": 1}
 EXCHANGE_SINCE = 3  # the protocol version that moves http exchanges mid-body
 WORKERS_SINCE = 4  # connections move over the worker channels in LISTENERS (localworker.py)
 MAX_REASON = 500

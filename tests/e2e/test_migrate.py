@@ -192,6 +192,51 @@ def test_failures_change_nothing(topo: Topology) -> None:
                 p.stop()
 
 
+LATE_CLIENT = """
+import socket, sys
+s = socket.create_connection(("%s", %d), timeout=20)
+s.sendall(b"late line\\n")
+got = b""
+s.settimeout(20)
+while not got.endswith(b"\\n"):
+    chunk = s.recv(100)
+    if not chunk:
+        break
+    got += chunk
+print(got.decode().strip())
+"""
+
+
+def test_a_connection_waiting_in_the_backlog_at_the_freeze_moves_too(topo: Topology) -> None:
+    """A client that connects after A stopped accepting (it waits in A's listen backlog) is
+    moved with the rest and served by B: no connection is lost to the migration."""
+    a = NsProxy(topo, "a").start()
+    b = NsProxy(topo, "b").start()
+    late = None
+    try:
+        a.arm_fault("migrate_out:before_freeze:delay")  # A stops accepting, then waits 1.5 s
+        mig = subprocess.Popen(
+            ["ip", "netns", "exec", topo.ns["a"], sys.executable, "-m", "proxy", "migrate",
+             "--config", str(a.config), "--to", f"{HOSTS['b']}:{MIG_PORT}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=a.env, cwd=a.dir)
+        a.wait_log(r"event=test_fault .*step=before_freeze")
+        late = subprocess.Popen(["ip", "netns", "exec", topo.ns["cl"], sys.executable, "-c",
+                                 LATE_CLIENT % (SERVICE, TCP_PORT)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = mig.communicate(timeout=60)
+        assert mig.returncode == 0, f"{err}\nA log:\n{a.tail()}"
+        assert out.startswith("migrated: 1 connections"), out  # the late one, nothing else
+        got, err = late.communicate(timeout=30)
+        assert got.strip() == "late line", err
+        b.wait_log(r"event=migration_phase .*phase=live .*resumed=1")
+        a.wait_exit()
+    finally:
+        if late is not None and late.poll() is None:
+            late.kill()
+        for p in (a, b):
+            p.stop()
+
+
 GARBAGE = """
 import socket
 s = socket.create_connection(("%s", %d), timeout=5)
