@@ -33,6 +33,9 @@ from proxy.takeover import Abort, Conns, Event, Session
 
 AUTH_TIMEOUT = 5.0  # the handshake; a peer that says nothing is dropped
 STEP_TIMEOUT = 10.0  # any other wait for the peer
+# A's bounds before the freeze, which B waits out for RELEASED (migrate.py, step 3):
+MOVABLE_WAIT = 10.0  # every connection movable (or drain_timeout when shorter)
+POOL_CLOSE_WAIT = 1.0  # closing idle upstream connections: the bound on their FIN exchange
 
 
 class MigrationError(Exception):

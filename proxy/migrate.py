@@ -4,8 +4,9 @@ proxy of another host, over an authenticated TCP channel, with TCP_REPAIR.
 The session is the takeover's (`takeover.Session`, version negotiation, CONNS batches in an ACK
 window, ABORT), carried by `migwire.Wire` (mutual HMAC authentication, every frame
 authenticated) instead of a Unix socket, and with `repair.SocketDump`s where the takeover sends
-fds. `MigrationSide` plugs into the `Server` (`Server.side`): it owns two listening sockets
-served with the listeners (so a hot upgrade hands them over like the others):
+fds. B's side of a session is `migrate_in.take`. `MigrationSide` plugs into the `Server`
+(`Server.side`): it owns two listening sockets served with the listeners (so a hot upgrade
+hands them over like the others):
 - `[migration] listen`, TCP: where a peer migrates its connections to us (we are "B");
 - the control socket `<takeover_socket>.migrate`, Unix, mode 0600, SO_PEERCRED checked: where
   `python -m proxy migrate --to HOST:PORT` asks this proxy to migrate away (we are "A"). One
@@ -41,8 +42,9 @@ DONE and going live, the connections are lost with it (the same as B dying a mom
 Only one host holds the addresses at a time, so a migration moves everything or nothing.
 
 Not moved (finished on A before the freeze, step 3): connects in progress, half-closed pairs,
-requests at a point that cannot pause. Lost: connections still in A's accept backlog at the
-freeze (a client whose handshake completed in the last moment before the addresses moved).
+requests at a point that cannot pause. Clients that connected after A stopped accepting wait in
+its listen backlog: once the addresses are gone A accepts them, and they move as records of mode
+"accepted" that B handles as new connections (on a rollback, A handles them).
 
 Metrics: B counts `proxy_migrations_total{result="success"}` and
 `proxy_migrated_connections_total` when it goes live; A counts `{result="failed"}` (it keeps
@@ -68,25 +70,24 @@ from typing import Any
 
 import trio
 
-from proxy import __version__, log, pidfile, repair, sockopts
+from proxy import __version__, log, migrate_in, pidfile, repair
 from proxy.channel import bind_channel, peer_allowed
-from proxy.config import Address, Config, SocketOptions, parse_address
+from proxy.config import Address, Config, parse_address
 from proxy.faults import fault_point
-from proxy.gcpause import GcPause, gc_paused
+from proxy.gcpause import gc_paused
 from proxy.metrics import Metrics
 from proxy.migchannel import (
     AUTH_TIMEOUT,
-    STEP_TIMEOUT,
+    MOVABLE_WAIT,
+    POOL_CLOSE_WAIT,
     MigChannel,
     MigrationError,
-    PeerAborted,
     describe,
 )
 from proxy.migwire import Wire
 from proxy.netaddr import AddressError, Addresses, parse_moving
 from proxy.server import Server, bind_tcp, listener_key
 from proxy.takeover import (
-    PROTOCOLS,
     Ack,
     ConnRecord,
     Conns,
@@ -103,32 +104,15 @@ from proxy.takeover import (
 MIGRATION_LISTENER = "__migration__"
 CONTROL_LISTENER = "__control__"
 CONNECT_TIMEOUT = 5.0  # A -> B's migration port
-MOVABLE_WAIT = 10.0  # step 3's bound (or drain_timeout when shorter)
 REPORT_WAIT = 10.0  # after DONE, B's word that it is live
-POOL_CLOSE_WAIT = 1.0  # closing idle upstream connections: the bound on their FIN exchange
 BATCH = 128  # connections per CONNS batch
 WINDOW = 4  # batches in flight
-CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
 CONTROL_MAX = 4096  # a control request's bound
 
 
 def control_path(cfg: Config) -> Path:
     p = cfg.proxy.takeover_socket
     return p.with_name(p.name + ".migrate")
-
-
-def missing_caps() -> list[str]:
-    """The capabilities a migration needs and this process lacks (effective set)."""
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return ["CAP_NET_ADMIN", "CAP_NET_RAW"]
-    eff = 0
-    for line in text.splitlines():
-        if line.startswith("CapEff:"):
-            eff = int(line.split()[1], 16)
-    return [name for name, bit in (("CAP_NET_ADMIN", CAP_NET_ADMIN), ("CAP_NET_RAW", CAP_NET_RAW))
-            if not eff >> bit & 1]
 
 
 # ---- the side listeners and the two roles ---------------------------------------------------
@@ -259,7 +243,7 @@ class MigrationSide:
         m = self.cfg.migration
         if m is None:
             return "no [migration] section in the config"
-        caps = missing_caps()
+        caps = migrate_in.missing_caps()
         if caps:
             return f"missing capabilities {' and '.join(caps)} (run as root or grant them)"
         if self.active:
@@ -475,127 +459,13 @@ class MigrationSide:
                 return
             self.active = True
             try:
-                await self._take(ch, peer)
+                await migrate_in.take(self.cfg, self.server, self.metrics, ch, peer)
             except MigrationError as exc:
                 log.error("migration_in_failed", peer=peer, reason=str(exc))
             finally:
                 self.active = False
         finally:
             ch.close()
-
-    async def _take(self, ch: MigChannel, peer: str) -> None:
-        m = self.cfg.migration
-        assert m is not None
-        srv = self.server
-        await ch.send(Hello(os.getpid(), __version__, PROTOCOLS))
-        welcome, _ = await ch.receive()
-        if not isinstance(welcome, Welcome):
-            raise MigrationError("expected WELCOME")
-        event, _ = await ch.receive()
-        if not isinstance(event, Listeners):
-            raise MigrationError("expected the moving addresses")
-        moving = tuple(parse_moving(a) for a in m.addresses)
-        if set(event.keys) != {a.key for a in moving}:
-            reason = (f"moving addresses differ: the peer moves {sorted(event.keys)}, "
-                      f"ours are {sorted(a.key for a in moving)}")
-            await ch.abort(reason)
-            raise MigrationError(reason)
-        caps = missing_caps()
-        if caps:
-            reason = f"the receiving proxy lacks {' and '.join(caps)}"
-            await ch.abort(reason)
-            raise MigrationError(reason)
-        try:
-            addrs = Addresses(moving)
-        except (AddressError, OSError) as exc:
-            await ch.abort(f"cannot open netlink/ARP sockets: {exc}")
-            raise MigrationError(str(exc)) from exc
-        restored: list[tuple[socket.socket, repair.SocketDump, SocketOptions | None]] = []
-        gcp = GcPause()  # paused from RELEASED to live: a collection there stalls every client
-        local_ids: list[int] = []
-        try:
-            await ch.send(Ready())
-            log.info("migration_phase", phase="incoming", peer=peer, old_pid=welcome.pid)
-            # A waits for its connections to become movable (and its pool to close) first.
-            event, _ = await ch.receive(MOVABLE_WAIT + 3 * POOL_CLOSE_WAIT + STEP_TIMEOUT)
-            if not isinstance(event, Released):
-                raise MigrationError(f"expected RELEASED, got {type(event).__name__}")
-            t0 = time.monotonic()
-            gcp.pause()
-            while True:
-                event, dumps = await ch.receive()
-                if isinstance(event, Done):
-                    break
-                if not isinstance(event, Conns):
-                    raise MigrationError(f"unexpected {type(event).__name__}")
-                if sum(r.nfds for r in event.records) != len(dumps):
-                    raise MigrationError("CONNS: wrong number of socket dumps")
-                i = 0
-                for rec in event.records:
-                    mine = dumps[i:i + rec.nfds]
-                    i += rec.nfds
-                    socks: list[socket.socket] = []
-                    try:
-                        for d in mine:
-                            socks.append(repair.restore(d))
-                        cid = srv.adopt(rec, [s.fileno() for s in socks])  # (closes on error)
-                    except (repair.RepairError, OSError, ValueError) as exc:
-                        for s in socks:
-                            s.close()  # (still in repair mode: silent; adopt may have closed it)
-                        raise MigrationError(f"restore failed: {exc}") from exc
-                    local_ids.append(cid)
-                    restored.extend(zip(socks, mine, _opts(self.cfg, rec.listener),
-                                        strict=False))
-                await fault_point("migrate_in", "before_ack")
-                await ch.send(Ack(tuple(r.id for r in event.records)))
-            restore_ms = (time.monotonic() - t0) * 1000
-        except BaseException as exc:
-            gcp.resume()
-            with trio.CancelScope(shield=True):
-                if not isinstance(exc, PeerAborted):
-                    await ch.abort(str(exc) or type(exc).__name__)
-                for s, _, _ in restored:
-                    s.detach()  # owned by the adopted handlers, closed (in repair mode) there
-                srv.drop_adopted()
-                addrs.close()
-            raise
-        # Committed: the connections are ours. Addresses, ARP, repair off, resume.
-        try:
-            addrs.add()
-            arps = addrs.announce()
-            macs = addrs.macs()
-        finally:
-            addrs.close()
-        lost = 0
-        for s, d, opts in restored:
-            try:
-                repair.leave_repair(s, d.never_sent)
-                if opts is not None:
-                    sockopts.apply(s, opts)
-            except (OSError, repair.RepairError) as exc:
-                lost += 1
-                log.error("migration_resume_socket_failed", reason=str(exc))
-            s.detach()
-        srv.start(local_ids)
-        freeze_ms = round((time.monotonic() - t0) * 1000, 1)
-        gcp.resume(freeze=True)  # (what we adopted lives long: out of the young generations)
-        self.metrics.migrations.labels("success").inc()
-        self.metrics.migrated_connections.labels().inc(len(local_ids))
-        log.info("migration_phase", phase="live", peer=peer, resumed=len(local_ids),
-                 restore_ms=round(restore_ms, 1), freeze_ms=freeze_ms, arp=arps, lost=lost)
-        with contextlib.suppress(OSError, trio.TooSlowError):
-            await ch.send_report({"resumed": len(local_ids), "freeze_ms": freeze_ms,
-                                  "restore_ms": round(restore_ms, 1), "macs": macs})
-
-
-def _opts(cfg: Config, listener: str) -> tuple[SocketOptions | None, SocketOptions | None]:
-    """Plain socket options are not carried by repair: ours for a record's client and upstream
-    sockets, in fd order (None: the listener is gone, leave the kernel's)."""
-    lst = next((x for x in cfg.listeners if x.name == listener), None)
-    if lst is None:
-        return None, None
-    ups = cfg.upstreams.get(lst.upstream)
-    return lst.sockopts, ups.sockopts if ups is not None else None
 
 
 def _unmovable(srv: Server) -> list[int]:
