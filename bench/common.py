@@ -725,7 +725,12 @@ class ProxyProcess(Service):
                              text, re.M)
         if spawning and handover:
             up.boot_ms = (log_time(handover.group(1)) - log_time(spawning.group(1))) * 1000
-        d = re.search(rf"event=phase gen=\d+ pid={old} .*phase=done moved=(\d+)", self.text(mark))
+        # (a single process moves its connections on its worker channel's session, protocol 4:
+        # that Upgrader logs them as worker_channel_phase; the generation's own moved=0)
+        d = (re.search(rf"event=worker_channel_phase gen=\d+ pid={old} .*phase=done moved=(\d+)",
+                       self.text(mark))
+             or re.search(rf"event=phase gen=\d+ pid={old} .*phase=done moved=(\d+)",
+                          self.text(mark)))
         if d and not old_workers:
             up.done_moved = int(d.group(1))
         self.wait_log(rf"event=takeover_done gen=\d+ pid={up.new_pid}", 10.0, mark)
