@@ -56,7 +56,12 @@ CONTRACT_METRICS = {
     "proxy_handover_connections_total": "counter",
     "proxy_generation": "gauge",
     "proxy_build_info": "gauge",
+    "proxy_workers": "gauge",
+    "proxy_migrations_total": "counter",
+    "proxy_migrated_connections_total": "counter",
 }
+# Additions the README documents and an alert may use.
+ADDED_METRICS = {"proxy_worker_restarts_total": "counter"}
 # Series Prometheus itself adds to every scrape.
 PROMETHEUS_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped",
                      "scrape_samples_post_metric_relabeling", "scrape_series_added"}
@@ -231,7 +236,9 @@ def allowed_metric_names() -> set[str]:
     exported = {fam.name: fam.kind for fam in Metrics().families}
     for name, kind in CONTRACT_METRICS.items():  # the list above has not drifted from the code
         assert exported.get(name) == kind, f"{name}: contract says {kind}, code has {exported}"
-    names = set(CONTRACT_METRICS)
+    for name, kind in ADDED_METRICS.items():
+        assert exported.get(name) == kind, f"{name}: README says {kind}, code has {exported}"
+    names = set(CONTRACT_METRICS) | set(ADDED_METRICS)
     for name, kind in CONTRACT_METRICS.items():
         if kind == "histogram":
             names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
@@ -388,6 +395,8 @@ def test_alerts_fire_when_they_should(tmp_path: Path) -> None:
              series("proxy_connections_active", {**a, "listener": "api"}, "5x80"),
              series("proxy_generation", a, "1 2 3 3 1 1"),
              series("proxy_generation", b, "1 2 3 4 5 6"),
+             series("proxy_worker_restarts_total", {**a, "reason": "died"}, "0 0 0 1x30"),
+             series("proxy_worker_restarts_total", {**b, "reason": "hung"}, "0x33"),
              series("process_open_fds", a, "900x10"),
              series("process_max_fds", a, "1000x10"),
              series("process_open_fds", b, "10x10"),
@@ -410,6 +419,10 @@ def test_alerts_fire_when_they_should(tmp_path: Path) -> None:
              alert_case("30m", "ProxyListenerLimitUnknown"),
              alert_case("61m", "ProxyListenerLimitUnknown",
                         {**a, "listener": "api", "severity": "info"}),
+             alert_case("2m", "ProxyWorkerRestarted"),
+             alert_case("4m", "ProxyWorkerRestarted",
+                        {**a, "reason": "died", "severity": "warning"}),
+             alert_case("25m", "ProxyWorkerRestarted"),
              alert_case("3m", "ProxyRestarted"),
              alert_case("4m", "ProxyRestarted", {**a, "severity": "warning"}),
              alert_case("3m", "ProxyFileDescriptorsNearLimit"),
