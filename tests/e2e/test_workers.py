@@ -304,3 +304,21 @@ async def test_sigterm_to_the_new_generation_at_released_stops_the_service_not_a
             assert p.find_log(rf"event=successor_stopping gen=1 pid={sup} ", mark)
             assert not any(alive(pid) for pid in p.all_pids())  # every worker of both went
             nursery.cancel_scope.cancel()
+
+
+async def test_workers_whose_supervisor_dies_finish_their_connections_and_exit() -> None:
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery, deployment(nursery,
+                                                              proxy={"workers": 2}) as p:
+            ss = StreamSet(p.port, 10).start(nursery)
+            await wait_until(lambda: all(s.replies > 0 for s in ss.streams))
+            sup, ws = p.pid(), workers(p)
+            os.kill(sup, signal.SIGKILL)
+            for pid in ws.values():  # each stops accepting and drains: no orphan serves on
+                await trio.to_thread.run_sync(lambda pid=pid: p.wait_log(  # type: ignore[misc]
+                    rf"event=supervisor_lost gen=1 pid={pid} "))
+            await wait_until(streams_progress(ss.streams))  # what they hold is served on
+            ss.stop.set()
+            await wait_until(lambda: not any(alive(w) for w in ws.values()), timeout=20)
+            assert_clean(ss.streams)
+            nursery.cancel_scope.cancel()
