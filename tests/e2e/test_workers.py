@@ -317,6 +317,11 @@ async def test_workers_whose_supervisor_dies_finish_their_connections_and_exit()
             for pid in ws.values():  # each stops accepting and drains: no orphan serves on
                 await trio.to_thread.run_sync(lambda pid=pid: p.wait_log(  # type: ignore[misc]
                     rf"event=supervisor_lost gen=1 pid={pid} "))
+                await trio.to_thread.run_sync(lambda pid=pid: p.wait_log(  # type: ignore[misc]
+                    rf"event=phase gen=1 pid={pid} .*phase=draining"))
+            with pytest.raises(ConnectionRefusedError):
+                await trio.to_thread.run_sync(
+                    lambda: socket.create_connection(("127.0.0.1", p.port), timeout=5).close())
             await wait_until(streams_progress(ss.streams))  # what they hold is served on
             ss.stop.set()
             await wait_until(lambda: not any(alive(w) for w in ws.values()), timeout=20)
