@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import trio
 
@@ -33,24 +34,39 @@ async def _stop_new_worker_between_ready_and_serve(p: Proxy) -> tuple[int, int, 
     return sup, new_sup, victim
 
 
+def stopped(pid: int) -> bool:
+    """SIGSTOPped (state T)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
 async def test_a_new_worker_hung_between_ready_and_serve_is_found_and_replaced() -> None:
     # README (Workers): "a worker silent for worker_timeout is killed and replaced". A new worker
     # that hangs after READY, before it reports SERVING, is never polled for silence
     # (heartbeat() skips workers whose `serving` is not set) and never replaced (_watch()
     # replaces only a worker that served): the generation runs one worker short for good.
+    # Either outcome is right (the upgrade rolls back, or the hung worker is replaced); a
+    # serving generation that keeps a hung worker is not.
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery, deployment(
                 nursery, proxy={"workers": 2, "worker_timeout": 1.0,
                                 "upgrade_timeout": 4.0}) as p:
             victim = 0
             try:
-                _, new_sup, victim = await _stop_new_worker_between_ready_and_serve(p)
+                sup, new_sup, victim = await _stop_new_worker_between_ready_and_serve(p)
                 await trio.to_thread.run_sync(lambda: p.wait_log(
-                    rf"event=workers_serving gen=2 pid={new_sup} ", timeout=20))
-                await trio.to_thread.run_sync(lambda: p.wait_log(
-                    rf"event=worker_hung gen=2 pid={new_sup} worker=0 ", timeout=10))
-                await trio.to_thread.run_sync(lambda: p.wait_log(
-                    rf"event=worker_restarted gen=2 pid={new_sup} worker=0 ", timeout=10))
+                    rf"event=(workers_serving gen=2 pid={new_sup}|upgrade_failed gen=1 "
+                    rf"pid={sup}) ", timeout=20))
+
+                def healthy() -> bool:
+                    ws = workers(p)
+                    return (len(ws) == 2 and victim not in ws.values()
+                            and all(alive(w) and not stopped(w) for w in ws.values()))
+
+                await wait_until(healthy, timeout=10)
             finally:
                 if victim and alive(victim):
                     os.kill(victim, signal.SIGCONT)
