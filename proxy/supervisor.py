@@ -104,6 +104,7 @@ class Handle:
     started: float
     ready: trio.Event = field(default_factory=trio.Event)
     serving: trio.Event = field(default_factory=trio.Event)
+    told: bool = False  # SERVE went out to it: it belongs to a serving generation
     exited: trio.Event = field(default_factory=trio.Event)
     failed: str = ""
     gating: bool = False  # an old worker whose successor waits for our RELEASE
@@ -130,6 +131,7 @@ class Pool:
         self.changed = trio.lowlevel.ParkingLot()
         self.loads, self._loads_fd = Loads.create(self.size)
         self.committed = False  # RELEASE went out: this generation's workers wind down
+        self.started = trio.Event()  # serve_all() ran: this generation serves
         self.stopping = False
         self._seq = 0
         self.successor_pid: Callable[[], int] = lambda: 0  # whom the generation released to
@@ -262,7 +264,9 @@ class Pool:
         """Hold the generation while the worker lives; restart it if it dies while serving."""
         with self.server.working():
             await h.proc.wait()
-        replace = (self.handles.get(h.index) is h and h.serving.is_set() and not self.committed
+        # A worker that said READY belongs to the generation even before SERVE reaches it: if
+        # it dies then, the generation must not serve one worker short for good.
+        replace = (self.handles.get(h.index) is h and _belongs(h) and not self.committed
                    and not self.stopping)
         died = replace and not (h.released and h.proc.returncode == 0)
         lost = 0
@@ -289,14 +293,23 @@ class Pool:
             self.metrics.worker_lost_connections.labels().inc(lost)
             log.error("worker_died", worker=h.index, worker_pid=h.proc.pid,
                       status=h.proc.returncode, reason=reason, lost_connections=lost)
-        await self._replace(h.index)
+        await self.started.wait()  # (a new generation: replaced once it serves, if it does)
+        if not self.committed and not self.stopping:
+            await self._replace(h.index)
 
     async def _replace(self, index: int) -> None:
         try:
             new = await self._spawn(index, ())
             with trio.move_on_after(self.cfg.proxy.upgrade_timeout):
                 await _first(new.ready.wait, new.exited.wait)
-            if new.ready.is_set():
+            if new.ready.is_set() and (self.committed or self.stopping):
+                # The generation was released (or stops) while this one started: it must not
+                # accept in a generation that no longer serves.
+                log.info("worker_restart_dropped", worker=index, worker_pid=new.proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    new.proc.send_signal(signal.SIGTERM)
+            elif new.ready.is_set():
+                new.told = True
                 await new.link.send(Serve())
                 log.info("worker_restarted", worker=index, worker_pid=new.proc.pid)
             else:
@@ -333,7 +346,7 @@ class Pool:
             await self.poll()
             now = time.monotonic()
             for h in list(self.handles.values()):
-                if (h.serving.is_set() and not h.exited.is_set() and not h.hung
+                if (_belongs(h) and not h.exited.is_set() and not h.hung
                         and now - h.seen > self.cfg.proxy.worker_timeout):
                     h.hung = True
                     log.error("worker_hung", worker=h.index, worker_pid=h.proc.pid,
@@ -379,7 +392,9 @@ class Pool:
 
     async def serve_all(self) -> None:
         """The generation serves: SERVE to every worker; back when each serves (or timeout)."""
-        for h in self.handles.values():
+        self.started.set()
+        for h in list(self.handles.values()):
+            h.told = True
             await h.link.send(Serve())
         with trio.move_on_after(self.cfg.proxy.upgrade_timeout):
             for h in list(self.handles.values()):
@@ -456,6 +471,12 @@ def _per_worker_process(reports: dict[int, dict[str, float]]) -> Iterator[Metric
             if sample in process:
                 fam.add_metric([str(k)], process[sample])
         yield fam
+
+
+def _belongs(h: Handle) -> bool:
+    """Part of its generation's service: told SERVE, or READY and waiting for it (a worker
+    that dies or hangs then is replaced, not forgotten)."""
+    return h.told or h.serving.is_set() or h.ready.is_set()
 
 
 async def _first(*waits: Callable[[], Any]) -> None:
