@@ -103,3 +103,80 @@ async def test_counters_never_go_down_when_a_new_worker_is_slow_after_the_handov
                     os.kill(victim, signal.SIGCONT)
                     os.kill(victim, signal.SIGKILL)
             nursery.cancel_scope.cancel()
+
+
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def test_worker_restarts_and_upgrades_leak_no_fd_in_the_supervisor() -> None:
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery, deployment(
+                nursery, proxy={"workers": 2}) as p:
+            sup = p.pid()
+            await wait_until(lambda: len(workers(p)) == 2)
+            base = fds(sup)
+            for i in range(4):
+                victim = workers(p)[0]
+                os.kill(victim, signal.SIGKILL)
+                await wait_until(lambda v=victim: workers(p)[0] != v and alive(  # type: ignore[misc]
+                    workers(p)[0]))
+                await trio.to_thread.run_sync(lambda n=i + 1: p.wait_log(  # type: ignore[misc]
+                    rf"event=worker_restarted gen=1 pid={sup} worker=0 (.|\n)*" * n))
+            await wait_until(lambda: fds(sup) <= base, timeout=5)
+            await trio.to_thread.run_sync(p.upgrade)
+            new = p.pid()
+            await wait_until(lambda: len(workers(p)) == 2 and all(
+                alive(w) for w in workers(p).values()))
+            base = fds(new)
+            for _ in range(3):
+                await trio.to_thread.run_sync(p.upgrade)
+            await wait_until(lambda: len(workers(p)) == 2)
+            newest = p.pid()
+            await wait_until(lambda: fds(newest) <= base, timeout=5)
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_upgrade_deadline_does_not_roll_back_after_the_commit() -> None:
+    # Pool.gate() sets `committed` and sends RELEASE to every old worker; an old worker that is
+    # slow to answer (busy, or stopped for a while) keeps the gate waiting, and the attempt's
+    # upgrade_timeout (counted from the spawn) fires meanwhile: the attempt rolls back and kills
+    # the new supervisor, so the new worker that already took (and ACKed) old worker 0's
+    # connections exits with them.
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery, deployment(
+                nursery, proxy={"workers": 2, "upgrade_timeout": 6.0}) as p:
+            ss = StreamSet(p.port, 20).start(nursery)
+            await wait_until(lambda: all(s.replies > 0 for s in ss.streams))
+            sup, old = p.pid(), workers(p)
+            mark = len(p.text())
+            stopped_pids: list[int] = []
+            try:
+                p.arm_fault("old:after_ready:delay")
+                os.kill(sup, signal.SIGUSR2)
+                # The old supervisor got READY (all new workers are up): hold it there until
+                # both old workers wait at their gates (PEER_READY sent), then stop worker 1.
+                await trio.to_thread.run_sync(lambda: p.wait_log(
+                    rf"event=test_fault gen=1 pid={sup} side=old step=after_ready", start=mark))
+                os.kill(sup, signal.SIGSTOP)
+                stopped_pids.append(sup)
+                p.disarm_fault()
+                await trio.sleep(2.5)
+                os.kill(old[1], signal.SIGSTOP)
+                stopped_pids.append(old[1])
+                os.kill(sup, signal.SIGCONT)
+                stopped_pids.remove(sup)
+                m = await trio.to_thread.run_sync(lambda: p.wait_log(
+                    r"event=takeover_serving gen=2 pid=(\d+) worker=0 ", start=mark))
+                new_w0 = int(m.group(1))
+                # Old worker 0 handed over to new worker 0; whatever happens to worker 1, the
+                # old side must not take the service back by killing the new generation.
+                await trio.sleep(6.0)
+                assert alive(new_w0), "the new worker holding old worker 0's connections died:\n" + p.tail(60)
+                assert p.find_log(rf"event=upgrade_child_killed gen=1 pid={sup} ", mark) is None
+            finally:
+                for pid in stopped_pids:
+                    if alive(pid):
+                        os.kill(pid, signal.SIGCONT)
+            ss.stop.set()
+            nursery.cancel_scope.cancel()
