@@ -145,7 +145,7 @@ async def test_the_upgrade_deadline_does_not_roll_back_after_the_commit() -> Non
     # connections exits with them.
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery, deployment(
-                nursery, proxy={"workers": 2, "upgrade_timeout": 6.0}) as p:
+                nursery, proxy={"workers": 2, "upgrade_timeout": 10.0}) as p:
             ss = StreamSet(p.port, 20).start(nursery)
             await wait_until(lambda: all(s.replies > 0 for s in ss.streams))
             sup, old = p.pid(), workers(p)
@@ -161,7 +161,7 @@ async def test_the_upgrade_deadline_does_not_roll_back_after_the_commit() -> Non
                 os.kill(sup, signal.SIGSTOP)
                 stopped_pids.append(sup)
                 p.disarm_fault()
-                await trio.sleep(2.5)
+                await trio.sleep(2.0)
                 os.kill(old[1], signal.SIGSTOP)
                 stopped_pids.append(old[1])
                 os.kill(sup, signal.SIGCONT)
@@ -171,7 +171,10 @@ async def test_the_upgrade_deadline_does_not_roll_back_after_the_commit() -> Non
                 new_w0 = int(m.group(1))
                 # Old worker 0 handed over to new worker 0; whatever happens to worker 1, the
                 # old side must not take the service back by killing the new generation.
-                await trio.sleep(6.0)
+                await trio.to_thread.run_sync(lambda: p.wait_log(
+                    rf"event=(workers_released|upgrade_failed) gen=1 pid={sup} ", start=mark,
+                    timeout=20))
+                await trio.sleep(1.0)
                 assert alive(new_w0), "the new worker holding old worker 0's connections died:\n" + p.tail(60)
                 assert p.find_log(rf"event=upgrade_child_killed gen=1 pid={sup} ", mark) is None
             finally:
