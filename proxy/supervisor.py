@@ -88,6 +88,7 @@ EXIT_INTERRUPTED = 130
 SUCCESSOR_EXIT_WAIT = 1.0  # a new supervisor whose worker died: is it gone too?
 POLL_WAIT = 1.0  # a scrape waits this long for a worker's fresh numbers, else uses its last ones
 STOP_GRACE = 5.0  # after drain_timeout, how long workers get before SIGKILL
+GATE_SHARE = 0.75  # of upgrade_timeout after the new supervisor's READY: the gate's deadline
 
 
 class StartError(Exception):
@@ -425,7 +426,10 @@ class Pool:
         """The new supervisor said READY: once every old worker's successor did too, RELEASE
         them all. Raises SessionFailed (a rollback) while nothing is released yet."""
         live = [h for h in self.handles.values() if not h.exited.is_set()]
-        with trio.move_on_after(self.cfg.proxy.upgrade_timeout):
+        # One deadline for the whole gate, inside the new supervisor's: it waits for RELEASED
+        # upgrade_timeout from its READY, and gives up (with its workers) after that.
+        deadline = trio.current_time() + GATE_SHARE * self.cfg.proxy.upgrade_timeout
+        with trio.move_on_at(deadline):
             while not all(h.gating or h.exited.is_set() for h in live):
                 await self.changed.park()
         waiting = [h.index for h in live if not h.gating]
@@ -436,7 +440,7 @@ class Pool:
         for h in live:
             h.answer = trio.Event()
             await h.link.send(Release())
-        with trio.move_on_after(self.cfg.proxy.upgrade_timeout):
+        with trio.move_on_at(deadline):
             for h in live:
                 await _first(h.answer.wait, h.exited.wait)
         for h in live:
@@ -449,10 +453,17 @@ class Pool:
         log.info("workers_released", released=sum(h.released for h in live), workers=len(live))
 
     def rolled_back(self, reason: str) -> None:
-        for h in self.handles.values():
+        # (Also after the commit, if the gate was cut short: a graceful stop, the new
+        # supervisor's death. Workers that handed over and exited are replaced; those whose
+        # successor dies with it ask SUCCESSOR_LOST and serve on.)
+        was = self.committed
+        self.committed = False
+        for k, h in list(self.handles.items()):
             h.gating = False
             if not h.exited.is_set():
                 self.spawn(h.link.send, Abort(reason))
+            elif was and not self.stopping:
+                self.spawn(self._replace, k)
 
 
 # prometheus-client's process_* families, per worker: (sample name, our family, kind)
@@ -509,7 +520,8 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
                                              server.working)
             await root.start(server.host_handlers)
             hooks = Hooks(gate=pool.gate, rolled_back=pool.rolled_back,
-                          extra_sockets=pool.extra_sockets, serving_again=pool.serve_again)
+                          extra_sockets=pool.extra_sockets, serving_again=pool.serve_again,
+                          committed=lambda: pool.committed)
             upgrader = Upgrader(cfg, server, metrics, argv, root.start_soon, exit_now, hooks)
             pool.successor_pid = lambda: upgrader.successor_pid
 
