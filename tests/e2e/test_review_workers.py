@@ -137,6 +137,65 @@ async def test_worker_restarts_and_upgrades_leak_no_fd_in_the_supervisor() -> No
             nursery.cancel_scope.cancel()
 
 
+async def _commit_with_old_worker_1_stopped(p: Proxy, stopped_pids: list[int]
+                                           ) -> tuple[int, dict[int, int], int, int]:
+    """SIGUSR2, and old worker 1 SIGSTOPped while it waits at its gate: the old supervisor
+    commits (RELEASE) and worker 0 hands over at once, worker 1 does not answer. Returns (old
+    supervisor, old workers, log mark, new worker 0)."""
+    sup, old = p.pid(), workers(p)
+    mark = len(p.text())
+    p.arm_fault("old:after_ready:delay")
+    os.kill(sup, signal.SIGUSR2)
+    # The old supervisor got READY (all new workers are up): hold it there until both old
+    # workers wait at their gates (PEER_READY sent), then stop worker 1.
+    await trio.to_thread.run_sync(lambda: p.wait_log(
+        rf"event=test_fault gen=1 pid={sup} side=old step=after_ready", start=mark))
+    os.kill(sup, signal.SIGSTOP)
+    stopped_pids.append(sup)
+    p.disarm_fault()
+    await trio.sleep(2.0)
+    os.kill(old[1], signal.SIGSTOP)
+    stopped_pids.append(old[1])
+    os.kill(sup, signal.SIGCONT)
+    stopped_pids.remove(sup)
+    m = await trio.to_thread.run_sync(lambda: p.wait_log(
+        r"event=takeover_serving gen=2 pid=(\d+) worker=0 ", start=mark))
+    return sup, old, mark, int(m.group(1))
+
+
+async def test_an_old_worker_that_fails_at_the_commit_keeps_its_counts() -> None:
+    # An old worker that does not release at the commit (Pool.gate(): worker_handover_failed,
+    # SIGTERM: it finishes what it holds and exits) never carries its counters over a session,
+    # and _watch() restores a dead worker's last report only while not committed: everything
+    # it ever counted leaves the sums, and proxy_connections_accepted_total goes down.
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery, deployment(
+                nursery, proxy={"workers": 2, "upgrade_timeout": 10.0,
+                                "drain_timeout": 3.0}) as p:
+            ss = StreamSet(p.port, 20).start(nursery)
+            await wait_until(lambda: all(s.replies > 0 for s in ss.streams))
+            per = [await metric_t(p, "proxy_worker_connections_active", worker=str(k))
+                   for k in (0, 1)]
+            assert min(per) > 0, per
+            await trio.sleep(1.5)  # a heartbeat has their numbers
+            before = await metric_t(p, "proxy_connections_accepted_total", listener="web")
+            stopped_pids: list[int] = []
+            try:
+                sup, old, mark, _ = await _commit_with_old_worker_1_stopped(p, stopped_pids)
+                await trio.to_thread.run_sync(lambda: p.wait_log(
+                    rf"event=workers_released gen=1 pid={sup} released=1 ", start=mark,
+                    timeout=20))
+            finally:
+                for pid in stopped_pids:
+                    if alive(pid):
+                        os.kill(pid, signal.SIGCONT)
+            ss.stop.set()
+            await wait_until(lambda: not alive(old[1]) and not alive(sup), timeout=20)
+            after = await metric_t(p, "proxy_connections_accepted_total", listener="web")
+            assert after >= before, f"accepted_total went down: {before} -> {after}"
+            nursery.cancel_scope.cancel()
+
+
 async def test_the_upgrade_deadline_does_not_roll_back_after_the_commit() -> None:
     # Pool.gate() sets `committed` and sends RELEASE to every old worker; an old worker that is
     # slow to answer (busy, or stopped for a while) keeps the gate waiting, and the attempt's
