@@ -270,13 +270,17 @@ class Pool:
         replace = (self.handles.get(h.index) is h and _belongs(h) and not self.committed
                    and not self.stopping)
         died = replace and not (h.released and h.proc.returncode == 0)
+        # Released generation, a worker that never sent RELEASED (it failed at the commit and
+        # finished what it held, or died): no session carries its counts, so they join ours and
+        # the generation session's DONE carries them (else they would leave every sum).
+        unreleased = self.committed and not h.released
         lost = 0
-        if died and h.report is not None:
+        if (died or unreleased) and h.report is not None:
             # What it counted stays counted: its last numbers join the supervisor's own (before
             # `exited` drops its report from the sum, so a scrape never sees a dip).
             with contextlib.suppress(ValueError):
                 self.metrics.restore(h.report.metrics)
-            lost = int(sum(h.report.active.values()))
+            lost = int(sum(h.report.active.values())) if died else 0
         h.exited.set()
         h.link.close()
         self.changed.unpark_all()
