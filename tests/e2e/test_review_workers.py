@@ -242,3 +242,35 @@ async def test_the_upgrade_deadline_does_not_roll_back_after_the_commit() -> Non
                         os.kill(pid, signal.SIGCONT)
             ss.stop.set()
             nursery.cancel_scope.cancel()
+
+
+async def test_metrics_and_heartbeat_survive_a_worker_that_stops_reading() -> None:
+    # Pool.poll() sends a POLL to every live worker on each heartbeat and each scrape, with no
+    # bound: a worker that is alive but not reading (stopped, or its loop blocked) for less than
+    # worker_timeout gets them queued until its control socket is full (about 280 lines), and
+    # from then on every send blocks: the heartbeat stops for every worker and every /metrics
+    # scrape hangs. Concurrent scrapes fill it in a second.
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery, deployment(
+                nursery, proxy={"workers": 2, "worker_timeout": 600.0}) as p:
+            victim = workers(p)[1]
+            os.kill(victim, signal.SIGSTOP)
+            try:
+                async def scrape() -> None:
+                    with trio.move_on_after(3):
+                        s = await trio.open_tcp_stream("127.0.0.1", p.metrics_port)
+                        async with s:
+                            await s.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n"
+                                             b"Connection: close\r\n\r\n")
+                            while await s.receive_some(65536):
+                                pass
+
+                async with trio.open_nursery() as scrapes:
+                    for _ in range(400):
+                        scrapes.start_soon(scrape)
+                with trio.fail_after(8):
+                    assert await metric_t(p, "proxy_workers") == 2
+            finally:
+                if alive(victim):
+                    os.kill(victim, signal.SIGCONT)
+            nursery.cancel_scope.cancel()
