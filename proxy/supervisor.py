@@ -364,6 +364,11 @@ class Pool:
         self._seq += 1
         live = [h for h in self.handles.values() if not h.exited.is_set()]
         for h in live:
+            if h.seq and not h.polled.is_set():
+                # Its last POLL is unanswered: one outstanding at a time, else a worker that
+                # does not read (stopped, loop blocked) fills its control socket and every
+                # later send (heartbeat, scrape, RELEASE) blocks for good.
+                continue
             h.seq, h.polled = self._seq, trio.Event()
             await h.link.send(Poll(self._seq))
         if wait:
