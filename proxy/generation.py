@@ -71,20 +71,35 @@ async def run(cfg: Config, argv: list[str], takeover: bool, spec: WorkerSpec | N
             await root.start(server.host_handlers)
             hooks = None
             if link is not None:
+                passed = False  # our supervisor said RELEASE; RELEASED has not gone out yet
+
                 async def gate(ch: Channel) -> None:
+                    nonlocal passed
                     try:
                         await link.gate(ch.sock, cfg.proxy.upgrade_timeout)
                     except GateClosed as exc:
                         raise SessionFailed(str(exc)) from None
+                    passed = True
 
                 async def released() -> None:
+                    nonlocal passed
+                    passed = False
                     await link.send(Released())
+
+                def rolled_back(reason: str) -> None:
+                    # The session broke after RELEASE, before RELEASED went out (the successor
+                    # died at that moment): our supervisor waits for our answer, and must not
+                    # wait out upgrade_timeout while the other workers stopped accepting.
+                    nonlocal passed
+                    if passed:
+                        passed = False
+                        root.start_soon(link.send, Failed(f"handover failed: {reason}"))
 
                 async def successor_lost() -> bool:
                     return await link.successor_lost(2 * cfg.proxy.upgrade_timeout)
 
                 hooks = Hooks(worker=True, gate=gate, released=released,
-                              successor_lost=successor_lost)
+                              successor_lost=successor_lost, rolled_back=rolled_back)
             # A single process is also its own worker 0 (localworker.py): a second Upgrader
             # serves <takeover_socket>.w0, where a protocol-4 successor takes our connections.
             local = LocalGate(cfg.proxy.upgrade_timeout)

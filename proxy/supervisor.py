@@ -88,6 +88,7 @@ EXIT_INTERRUPTED = 130
 SUCCESSOR_EXIT_WAIT = 1.0  # a new supervisor whose worker died: is it gone too?
 POLL_WAIT = 1.0  # a scrape waits this long for a worker's fresh numbers, else uses its last ones
 STOP_GRACE = 5.0  # after drain_timeout, how long workers get before SIGKILL
+GATE_SHARE = 0.75  # of upgrade_timeout after the new supervisor's READY: the gate's deadline
 
 
 class StartError(Exception):
@@ -104,6 +105,7 @@ class Handle:
     started: float
     ready: trio.Event = field(default_factory=trio.Event)
     serving: trio.Event = field(default_factory=trio.Event)
+    told: bool = False  # SERVE went out to it: it belongs to a serving generation
     exited: trio.Event = field(default_factory=trio.Event)
     failed: str = ""
     gating: bool = False  # an old worker whose successor waits for our RELEASE
@@ -130,6 +132,7 @@ class Pool:
         self.changed = trio.lowlevel.ParkingLot()
         self.loads, self._loads_fd = Loads.create(self.size)
         self.committed = False  # RELEASE went out: this generation's workers wind down
+        self.started = trio.Event()  # serve_all() ran: this generation serves
         self.stopping = False
         self._seq = 0
         self.successor_pid: Callable[[], int] = lambda: 0  # whom the generation released to
@@ -262,16 +265,22 @@ class Pool:
         """Hold the generation while the worker lives; restart it if it dies while serving."""
         with self.server.working():
             await h.proc.wait()
-        replace = (self.handles.get(h.index) is h and h.serving.is_set() and not self.committed
+        # A worker that said READY belongs to the generation even before SERVE reaches it: if
+        # it dies then, the generation must not serve one worker short for good.
+        replace = (self.handles.get(h.index) is h and _belongs(h) and not self.committed
                    and not self.stopping)
         died = replace and not (h.released and h.proc.returncode == 0)
+        # Released generation, a worker that never sent RELEASED (it failed at the commit and
+        # finished what it held, or died): no session carries its counts, so they join ours and
+        # the generation session's DONE carries them (else they would leave every sum).
+        unreleased = self.committed and not h.released
         lost = 0
-        if died and h.report is not None:
+        if (died or unreleased) and h.report is not None:
             # What it counted stays counted: its last numbers join the supervisor's own (before
             # `exited` drops its report from the sum, so a scrape never sees a dip).
             with contextlib.suppress(ValueError):
                 self.metrics.restore(h.report.metrics)
-            lost = int(sum(h.report.active.values()))
+            lost = int(sum(h.report.active.values())) if died else 0
         h.exited.set()
         h.link.close()
         self.changed.unpark_all()
@@ -289,14 +298,23 @@ class Pool:
             self.metrics.worker_lost_connections.labels().inc(lost)
             log.error("worker_died", worker=h.index, worker_pid=h.proc.pid,
                       status=h.proc.returncode, reason=reason, lost_connections=lost)
-        await self._replace(h.index)
+        await self.started.wait()  # (a new generation: replaced once it serves, if it does)
+        if not self.committed and not self.stopping:
+            await self._replace(h.index)
 
     async def _replace(self, index: int) -> None:
         try:
             new = await self._spawn(index, ())
             with trio.move_on_after(self.cfg.proxy.upgrade_timeout):
                 await _first(new.ready.wait, new.exited.wait)
-            if new.ready.is_set():
+            if new.ready.is_set() and (self.committed or self.stopping):
+                # The generation was released (or stops) while this one started: it must not
+                # accept in a generation that no longer serves.
+                log.info("worker_restart_dropped", worker=index, worker_pid=new.proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    new.proc.send_signal(signal.SIGTERM)
+            elif new.ready.is_set():
+                new.told = True
                 await new.link.send(Serve())
                 log.info("worker_restarted", worker=index, worker_pid=new.proc.pid)
             else:
@@ -333,7 +351,7 @@ class Pool:
             await self.poll()
             now = time.monotonic()
             for h in list(self.handles.values()):
-                if (h.serving.is_set() and not h.exited.is_set() and not h.hung
+                if (_belongs(h) and not h.exited.is_set() and not h.hung
                         and now - h.seen > self.cfg.proxy.worker_timeout):
                     h.hung = True
                     log.error("worker_hung", worker=h.index, worker_pid=h.proc.pid,
@@ -346,6 +364,11 @@ class Pool:
         self._seq += 1
         live = [h for h in self.handles.values() if not h.exited.is_set()]
         for h in live:
+            if h.seq and not h.polled.is_set():
+                # Its last POLL is unanswered: one outstanding at a time, else a worker that
+                # does not read (stopped, loop blocked) fills its control socket and every
+                # later send (heartbeat, scrape, RELEASE) blocks for good.
+                continue
             h.seq, h.polled = self._seq, trio.Event()
             await h.link.send(Poll(self._seq))
         if wait:
@@ -379,7 +402,9 @@ class Pool:
 
     async def serve_all(self) -> None:
         """The generation serves: SERVE to every worker; back when each serves (or timeout)."""
-        for h in self.handles.values():
+        self.started.set()
+        for h in list(self.handles.values()):
+            h.told = True
             await h.link.send(Serve())
         with trio.move_on_after(self.cfg.proxy.upgrade_timeout):
             for h in list(self.handles.values()):
@@ -410,7 +435,10 @@ class Pool:
         """The new supervisor said READY: once every old worker's successor did too, RELEASE
         them all. Raises SessionFailed (a rollback) while nothing is released yet."""
         live = [h for h in self.handles.values() if not h.exited.is_set()]
-        with trio.move_on_after(self.cfg.proxy.upgrade_timeout):
+        # One deadline for the whole gate, inside the new supervisor's: it waits for RELEASED
+        # upgrade_timeout from its READY, and gives up (with its workers) after that.
+        deadline = trio.current_time() + GATE_SHARE * self.cfg.proxy.upgrade_timeout
+        with trio.move_on_at(deadline):
             while not all(h.gating or h.exited.is_set() for h in live):
                 await self.changed.park()
         waiting = [h.index for h in live if not h.gating]
@@ -421,7 +449,7 @@ class Pool:
         for h in live:
             h.answer = trio.Event()
             await h.link.send(Release())
-        with trio.move_on_after(self.cfg.proxy.upgrade_timeout):
+        with trio.move_on_at(deadline):
             for h in live:
                 await _first(h.answer.wait, h.exited.wait)
         for h in live:
@@ -434,10 +462,17 @@ class Pool:
         log.info("workers_released", released=sum(h.released for h in live), workers=len(live))
 
     def rolled_back(self, reason: str) -> None:
-        for h in self.handles.values():
+        # (Also after the commit, if the gate was cut short: a graceful stop, the new
+        # supervisor's death. Workers that handed over and exited are replaced; those whose
+        # successor dies with it ask SUCCESSOR_LOST and serve on.)
+        was = self.committed
+        self.committed = False
+        for k, h in list(self.handles.items()):
             h.gating = False
             if not h.exited.is_set():
                 self.spawn(h.link.send, Abort(reason))
+            elif was and not self.stopping:
+                self.spawn(self._replace, k)
 
 
 # prometheus-client's process_* families, per worker: (sample name, our family, kind)
@@ -456,6 +491,12 @@ def _per_worker_process(reports: dict[int, dict[str, float]]) -> Iterator[Metric
             if sample in process:
                 fam.add_metric([str(k)], process[sample])
         yield fam
+
+
+def _belongs(h: Handle) -> bool:
+    """Part of its generation's service: told SERVE, or READY and waiting for it (a worker
+    that dies or hangs then is replaced, not forgotten)."""
+    return h.told or h.serving.is_set() or h.ready.is_set()
 
 
 async def _first(*waits: Callable[[], Any]) -> None:
@@ -488,7 +529,8 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
                                              server.working)
             await root.start(server.host_handlers)
             hooks = Hooks(gate=pool.gate, rolled_back=pool.rolled_back,
-                          extra_sockets=pool.extra_sockets, serving_again=pool.serve_again)
+                          extra_sockets=pool.extra_sockets, serving_again=pool.serve_again,
+                          committed=lambda: pool.committed)
             upgrader = Upgrader(cfg, server, metrics, argv, root.start_soon, exit_now, hooks)
             pool.successor_pid = lambda: upgrader.successor_pid
 

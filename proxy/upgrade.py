@@ -156,6 +156,9 @@ class Hooks:
     # the whole new generation is gone), False = finish what it holds and exit.
     successor_lost: Callable[[], Awaitable[bool]] | None = None
     serving_again: Callable[[], None] | None = None  # a supervisor serves again: so do workers
+    # A supervisor's gate told its old workers RELEASE: some may have handed over already, so
+    # upgrade_timeout no longer rolls the attempt back (the gate's own timeouts bound it).
+    committed: Callable[[], bool] | None = None
 
 
 async def _until_done_or_broken(ch: Channel, done: Callable[[], Awaitable[None]]) -> None:
@@ -339,11 +342,19 @@ class Upgrader:
                 await proc.wait()
                 attempt.fail(ChildExited(f"exited with status {proc.returncode}"))
 
-            with trio.move_on_after(self.cfg.proxy.upgrade_timeout):
+            async def until_decided() -> None:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(watch_child)
                     await attempt.decided.wait()
                     nursery.cancel_scope.cancel()
+
+            with trio.move_on_after(self.cfg.proxy.upgrade_timeout):
+                await until_decided()
+            if (not attempt.decided.is_set() and self.hooks.committed is not None
+                    and self.hooks.committed()):
+                log.warning("upgrade_committed_late", reason="old workers were released: "
+                            "upgrade_timeout no longer rolls back")
+                await until_decided()
             if not attempt.decided.is_set():
                 attempt.fail(NotServingInTime(
                     f"not serving within upgrade_timeout={self.cfg.proxy.upgrade_timeout}s"))
