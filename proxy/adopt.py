@@ -246,7 +246,10 @@ class _Takeover:
                     continue
                 fds.close()
                 if isinstance(event, Released):
-                    self.metrics.restore(event.metrics)  # strict: ValueError aborts before serving
+                    # (a worker's peer's base travels on the generation session instead:
+                    # upgrade.Hooks.carried)
+                    if not self.opts.worker:
+                        self.metrics.restore(event.metrics)  # strict: ValueError aborts first
                     self._become_serving(event.upgrade_pending)
                     await fault_point("new", "after_released")
                 elif isinstance(event, Done):

@@ -16,6 +16,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -81,10 +82,10 @@ async def run(cfg: Config, argv: list[str], takeover: bool, spec: WorkerSpec | N
                         raise SessionFailed(str(exc)) from None
                     passed = True
 
-                async def released() -> None:
+                async def released(base: dict[str, list[Any]]) -> None:
                     nonlocal passed
                     passed = False
-                    await link.send(Released())
+                    await link.send(Released(base))
 
                 def rolled_back(reason: str) -> None:
                     # The session broke after RELEASE, before RELEASED went out (the successor
@@ -118,6 +119,7 @@ async def run(cfg: Config, argv: list[str], takeover: bool, spec: WorkerSpec | N
                 local_worker=True, successor_lost=w0_successor_lost))
             if spec is None:
                 hooks = Hooks(gate=local.generation_gate, rolled_back=local.rolled_back,
+                              carried=local.carried,
                               extra_sockets=lambda: {f"{WORKER_CHANNEL}@{w0_path}": w0[0]},
                               via_workers=w0_exit.wait)
             upgrader = Upgrader(cfg, server, metrics, argv, root.start_soon, exit_now, hooks)

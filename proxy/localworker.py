@@ -20,6 +20,8 @@ connections travel on the generation session and the worker channel stays unused
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 
 from proxy.channel import Channel
@@ -34,6 +36,7 @@ class LocalGate:
         self._decision: trio.MemorySendChannel[str | None] | None = None
         self._released = trio.Event()
         self.worker_done = trio.Event()  # the worker session ended (DONE sent, or it broke)
+        self._base: dict[str, list[Any]] = {}
 
     async def worker_gate(self, ch: Channel) -> None:
         """The worker session's successor said READY: wait for the generation's decision."""
@@ -59,8 +62,14 @@ class LocalGate:
         if reason is not None:
             raise SessionFailed(reason)
 
-    async def worker_released(self) -> None:
+    async def worker_released(self, base: dict[str, list[Any]]) -> None:
+        self._base = base
         self._released.set()
+
+    def carried(self) -> dict[str, list[Any]]:
+        """What the worker channel's RELEASED held back (its traffic base): the generation
+        session's RELEASED carries it (upgrade.Hooks.carried)."""
+        return self._base
 
     async def generation_gate(self, ch: Channel) -> None:
         """The new generation said READY: release the worker session (it must be waiting)."""
@@ -71,6 +80,7 @@ class LocalGate:
         if self._decision is None:
             raise SessionFailed("no successor waits at READY on the worker channel")
         self._released = trio.Event()
+        self._base = {}
         self._decision.send_nowait(None)
         with trio.move_on_after(self.timeout):
             await self._released.wait()

@@ -278,6 +278,14 @@ def _check_number(name: str, v: object) -> None:
         raise ValueError(f"metrics snapshot: bad value in {name}")
 
 
+def merged(*snaps: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """The sum of snapshots (each as `Metrics.restore` takes it). Raises ValueError."""
+    total = Metrics()
+    for snap in snaps:
+        total.restore(snap)
+    return total.snapshot()
+
+
 def delta(now: dict[str, list[Any]], base: dict[str, list[Any]]) -> dict[str, list[Any]]:
     """What was counted between two snapshots of the same registry (`base` first): what an old
     generation sends in DONE for what it counted after RELEASED."""

@@ -61,7 +61,7 @@ from proxy.child import STDERR_FD_ENV
 from proxy.config import Config
 from proxy.ctlink import ControlLink
 from proxy.loads import Loads
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, merged
 from proxy.server import METRICS_LISTENER, Server
 from proxy.upgrade import Hooks, Phase, SessionFailed, Upgrader
 from proxy.worker import SPEC_ENV, WorkerSpec, channel_path
@@ -111,6 +111,7 @@ class Handle:
     gating: bool = False  # an old worker whose successor waits for our RELEASE
     answer: trio.Event = field(default_factory=trio.Event)  # to RELEASE: released or not
     released: bool = False
+    base: dict[str, list[Any]] = field(default_factory=dict)  # its RELEASED's, for `carried`
     report: Report | None = None
     seen: float = 0.0  # when it last answered a poll
     seq: int = 0
@@ -248,7 +249,7 @@ class Pool:
                 elif isinstance(msg, PeerReady):
                     h.gating = True
                 elif isinstance(msg, Released):
-                    h.gating, h.released = False, True
+                    h.gating, h.released, h.base = False, True, msg.metrics
                     h.answer.set()
                 elif isinstance(msg, Abort | Failed):
                     h.gating = False
@@ -447,7 +448,7 @@ class Pool:
         # The commit point: from here the generation is handed over, whatever else happens.
         self.committed = True
         for h in live:
-            h.answer = trio.Event()
+            h.answer, h.released, h.base = trio.Event(), False, {}
             await h.link.send(Release())
         with trio.move_on_at(deadline):
             for h in live:
@@ -460,6 +461,12 @@ class Pool:
                 with contextlib.suppress(ProcessLookupError):
                     h.proc.send_signal(signal.SIGTERM)
         log.info("workers_released", released=sum(h.released for h in live), workers=len(live))
+
+    def carried(self) -> dict[str, list[Any]]:
+        """The counters of every old worker that released, as each one's RELEASED base held
+        them: our RELEASED carries them to the new supervisor (upgrade.Hooks.carried), which
+        keeps them itself, so they never depend on one new worker staying alive and prompt."""
+        return merged(*(h.base for h in self.handles.values() if h.released))
 
     def rolled_back(self, reason: str) -> None:
         # (Also after the commit, if the gate was cut short: a graceful stop, the new
@@ -530,6 +537,7 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
             await root.start(server.host_handlers)
             hooks = Hooks(gate=pool.gate, rolled_back=pool.rolled_back,
                           extra_sockets=pool.extra_sockets, serving_again=pool.serve_again,
+                          carried=pool.carried,
                           committed=lambda: pool.committed)
             upgrader = Upgrader(cfg, server, metrics, argv, root.start_soon, exit_now, hooks)
             pool.successor_pid = lambda: upgrader.successor_pid

@@ -46,7 +46,7 @@ from proxy.child import STDERR_TAIL_LINES, pump_stderr, spawn_child
 from proxy.config import Config
 from proxy.faults import fault_point
 from proxy.gcpause import gc_paused
-from proxy.metrics import GENERATION_FAMILIES, Metrics, delta
+from proxy.metrics import GENERATION_FAMILIES, Metrics, delta, merged
 from proxy.server import TAKEOVER_LISTENER, Server, listener_key
 from proxy.takeover import (
     EXCHANGE_SINCE,
@@ -145,7 +145,13 @@ class Hooks:
 
     worker: bool = False  # an old worker: the supervisor counts, records and decides
     gate: Callable[[Channel], Awaitable[None]] | None = None  # after READY: may we release?
-    released: Callable[[], Awaitable[None]] | None = None  # RELEASED went out
+    # RELEASED went out, with this base (an old worker tells its supervisor: see `carried`)
+    released: Callable[[dict[str, list[Any]]], Awaitable[None]] | None = None
+    # Counters our RELEASED carries besides our own: the bases of our workers' RELEASED (a
+    # supervisor's, or a single process's own worker channel). A new worker does not restore
+    # its peer's RELEASED; the new generation's session does, so the carried counts live in the
+    # new supervisor, not only in a worker that may die or stall (supervisor.py).
+    carried: Callable[[], dict[str, list[Any]]] | None = None
     rolled_back: Callable[[str], None] | None = None  # an attempt ended without RELEASED
     extra_sockets: Callable[[], dict[str, socket.socket]] | None = None  # sent with LISTENERS
     # Protocol 4 with a single process (localworker.py): after RELEASED the connections go
@@ -572,7 +578,13 @@ class Upgrader:
         # count lands in exactly one of them (a second one taken after the send would drop what
         # was counted while the send yielded).
         base = self._snapshot(via_workers)
-        await ch.send(Released(base, upgrade_pending=carry))
+        sent = base
+        if self.hooks.carried is not None:
+            try:
+                sent = merged(base, self.hooks.carried())
+            except ValueError as exc:  # (a worker's base that does not restore: ours alone)
+                log.error("carried_metrics_bad", error=str(exc))
+        await ch.send(Released(sent, upgrade_pending=carry))
         if carry:  # (only once it went out: a failed send rolls back with it still queued)
             self.pending = False
         notify.title(f"generation {self.generation} handing over")
@@ -581,7 +593,7 @@ class Upgrader:
         self.successor_pid = peer_pid  # (the kernel's word, SO_PEERCRED, not the peer's)
         self.stop_channel()  # the successor serves the channel from now on
         if self.hooks.released is not None:
-            await self.hooks.released()
+            await self.hooks.released(base)
         self.set_phase(Phase.RELEASED, successor_pid=peer_pid, connections=len(srv.conns))
         self.attempt = None
         attempt.finished.set()

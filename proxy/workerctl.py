@@ -76,7 +76,7 @@ class PeerReady:
 
 @dataclass(frozen=True)
 class Released:
-    pass
+    metrics: dict[str, list[Any]]  # the counters our RELEASED's base held (see supervisor.py)
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,8 @@ def encode(msg: Message) -> bytes:
         body["seq"] = msg.seq
     elif isinstance(msg, Report):
         body.update(seq=msg.seq, metrics=msg.metrics, active=msg.active, process=msg.process)
+    elif isinstance(msg, Released):
+        body["metrics"] = msg.metrics
     elif isinstance(msg, Abort | Failed):
         body["reason"] = msg.reason[:MAX_REASON]
     line = json.dumps(body, separators=(",", ":")).encode() + b"\n"
@@ -158,6 +160,11 @@ def decode(line: bytes) -> Message:
             raise ControlError("bad report")
         return Report(_seq(body), metrics, _numbers(body.get("active")),
                       _numbers(body.get("process")))
+    if cls is Released:
+        metrics = body.get("metrics")
+        if not isinstance(metrics, dict):
+            raise ControlError("bad released")
+        return Released(metrics)
     if cls is Abort:
         return Abort(_reason(body))
     if cls is Failed:

@@ -11,8 +11,9 @@ from proxy.loads import Loads
 
 
 @pytest.mark.parametrize("msg", [
-    w.Poll(7), w.Serve(), w.Release(), w.Abort("why"), w.Ready(), w.PeerReady(), w.Released(),
-    w.Serving(), w.Failed("boom"), w.SuccessorLost(),
+    w.Poll(7), w.Serve(), w.Release(), w.Abort("why"), w.Ready(), w.PeerReady(),
+    w.Serving(), w.Failed("boom"), w.SuccessorLost(), w.Released({}),
+    w.Released({"proxy_bytes_total": [[["web", "upstream_to_client"], 3.0]]}),
     w.Report(3, {"proxy_bytes_total": [[["web", "client_to_upstream"], 12.0]]}, {"web": 2.0},
              {"process_open_fds": 9.0}),
 ])
