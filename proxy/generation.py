@@ -119,7 +119,7 @@ async def run(cfg: Config, argv: list[str], takeover: bool, spec: WorkerSpec | N
                 local_worker=True, successor_lost=w0_successor_lost))
             if spec is None:
                 hooks = Hooks(gate=local.generation_gate, rolled_back=local.rolled_back,
-                              carried=local.carried,
+                              carried=local.carried, committed=local.is_committed,
                               extra_sockets=lambda: {f"{WORKER_CHANNEL}@{w0_path}": w0[0]},
                               via_workers=w0_exit.wait)
             upgrader = Upgrader(cfg, server, metrics, argv, root.start_soon, exit_now, hooks)
@@ -166,6 +166,8 @@ async def run(cfg: Config, argv: list[str], takeover: bool, spec: WorkerSpec | N
                 server.stop_accepting()
                 takeover_scope.cancel()  # a takeover in progress ABORTs (before or after RELEASED)
                 await upgrader.stop()
+                if sigdispatch.forward_if_released(upgrader, signal.SIGTERM):
+                    return  # (an attempt past its commit went through: the stop is theirs)
                 await w0_upgrader.stop()
                 server.stop_accepting()  # a rollback may have restarted accepting
                 server.close_listeners()

@@ -37,6 +37,11 @@ class LocalGate:
         self._released = trio.Event()
         self.worker_done = trio.Event()  # the worker session ended (DONE sent, or it broke)
         self._base: dict[str, list[Any]] = {}
+        self._committed = False
+
+    def is_committed(self) -> bool:
+        """The worker session was released in this attempt: it can no longer roll back."""
+        return self._committed
 
     async def worker_gate(self, ch: Channel) -> None:
         """The worker session's successor said READY: wait for the generation's decision."""
@@ -73,6 +78,7 @@ class LocalGate:
 
     async def generation_gate(self, ch: Channel) -> None:
         """The new generation said READY: release the worker session (it must be waiting)."""
+        self._committed = False
         if (ch.session.version or 1) < WORKERS_SINCE:
             return  # the classic session: connections travel on the generation session
         with trio.move_on_after(self.timeout):
@@ -81,6 +87,7 @@ class LocalGate:
             raise SessionFailed("no successor waits at READY on the worker channel")
         self._released = trio.Event()
         self._base = {}
+        self._committed = True  # (until the next attempt: our worker session moves on)
         self._decision.send_nowait(None)
         with trio.move_on_after(self.timeout):
             await self._released.wait()

@@ -19,6 +19,17 @@ from proxy import log
 from proxy.upgrade import Upgrader
 
 
+def forward_if_released(upgrader: Upgrader, sig: int) -> bool:
+    """A stop that waited for an attempt past its commit point: if that attempt released, the
+    service is the new generation's now, so the stop goes there (True); else it is ours."""
+    if not upgrader.successor_pid or upgrader.serving:
+        return False
+    log.info("stop_forwarded", signal=signal.Signals(sig).name, to_pid=upgrader.successor_pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(upgrader.successor_pid, sig)
+    return True
+
+
 async def dispatch(sigs: AsyncIterator[int], upgrader: Upgrader,
                    start_stop: Callable[[bool], None], worker: bool = False) -> None:
     """Act on signals until cancelled; `start_stop(hard)` begins a stop."""

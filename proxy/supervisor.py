@@ -220,6 +220,9 @@ class Pool:
             proc = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "proxy", "run", "--config", str(self.cfg.path),
                  "--worker", str(k)], stdin=subprocess.DEVNULL, pass_fds=fds, env=env)
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         h = Handle(k, proc, ControlLink(ours), time.monotonic())
@@ -581,6 +584,8 @@ async def run(cfg: Config, argv: list[str], takeover: bool) -> int:
                 server.stop_accepting()
                 takeover_scope.cancel()
                 await upgrader.stop()
+                if sigdispatch.forward_if_released(upgrader, signal.SIGTERM):
+                    return  # (an attempt past its commit went through: the stop is theirs)
                 pool.signal_all(signal.SIGTERM)  # each closes its copies and drains
                 server.close_listeners()  # ours too: from here connects are refused
                 upgrader.set_phase(Phase.DRAINING)

@@ -271,8 +271,14 @@ class Upgrader:
         self.stopping = True
         attempt = self.attempt
         if attempt is not None and not attempt.released:
-            attempt.fail(Stopping("stopping"))
-            await attempt.finished.wait()
+            if self.hooks.committed is not None and self.hooks.committed():
+                # Our workers were released: the new generation holds their connections. The
+                # attempt goes through (RELEASED follows at once) and the stop is the new
+                # generation's to carry out (generation.py forwards it after RELEASED).
+                await attempt.finished.wait()
+            else:
+                attempt.fail(Stopping("stopping"))
+                await attempt.finished.wait()
         self.stop_channel()
 
     # ---- the channel ---------------------------------------------------------------------------
