@@ -10,8 +10,8 @@ from pathlib import Path
 import trio
 
 from tests.e2e.test_upgrade import deployment
-from tests.e2e.test_workers import metric_t, workers
-from tests.support.load import StreamSet, wait_until
+from tests.e2e.test_workers import flowing, metric_t, workers
+from tests.support.load import wait_until
 from tests.support.proc import Proxy, alive
 
 
@@ -83,8 +83,7 @@ async def test_counters_never_go_down_when_a_new_worker_is_slow_after_the_handov
         async with trio.open_nursery() as nursery, deployment(
                 nursery, proxy={"workers": 2, "worker_timeout": 30.0,
                                 "upgrade_timeout": 4.0, "drain_timeout": 2.0}) as p:
-            ss = StreamSet(p.port, 20).start(nursery)
-            await wait_until(lambda: all(s.replies > 0 for s in ss.streams))
+            ss = await flowing(nursery, p, 20, 0)
             per = [await metric_t(p, "proxy_worker_connections_active", worker=str(k))
                    for k in (0, 1)]
             assert min(per) > 0, per  # both old workers counted some
@@ -172,8 +171,7 @@ async def test_an_old_worker_that_fails_at_the_commit_keeps_its_counts() -> None
         async with trio.open_nursery() as nursery, deployment(
                 nursery, proxy={"workers": 2, "upgrade_timeout": 10.0,
                                 "drain_timeout": 3.0}) as p:
-            ss = StreamSet(p.port, 20).start(nursery)
-            await wait_until(lambda: all(s.replies > 0 for s in ss.streams))
+            ss = await flowing(nursery, p, 20, 0)
             per = [await metric_t(p, "proxy_worker_connections_active", worker=str(k))
                    for k in (0, 1)]
             assert min(per) > 0, per
@@ -205,8 +203,7 @@ async def test_the_upgrade_deadline_does_not_roll_back_after_the_commit() -> Non
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery, deployment(
                 nursery, proxy={"workers": 2, "upgrade_timeout": 10.0}) as p:
-            ss = StreamSet(p.port, 20).start(nursery)
-            await wait_until(lambda: all(s.replies > 0 for s in ss.streams))
+            ss = await flowing(nursery, p, 20, 0)
             sup, old = p.pid(), workers(p)
             mark = len(p.text())
             stopped_pids: list[int] = []

@@ -31,6 +31,13 @@ def workers(p: Proxy) -> dict[int, int]:
     return out
 
 
+async def flowing(nursery: trio.Nursery, p: Proxy, n: int, replies: int = 0) -> StreamSet:
+    """`n` sequence-checked streams through the proxy, each past `replies` echoes."""
+    ss = StreamSet(p.port, n).start(nursery)
+    await wait_until(lambda: all(s.replies > replies for s in ss.streams))
+    return ss
+
+
 def title(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
 
@@ -63,8 +70,7 @@ async def test_workers_serve_every_connection_spread_over_all_of_them() -> None:
                 want = f"proxy: generation 1 worker {k} serving"
                 await wait_until(partial(lambda w, q: w in title(q), want, pid), timeout=10)
             assert re.search(rf"event=listening gen=1 pid={ws[1]} worker=1 ", p.text())
-            ss = StreamSet(p.port, 40).start(nursery)
-            await wait_until(lambda: all(s.replies > 3 for s in ss.streams))
+            ss = await flowing(nursery, p, 40, 3)
             assert await metric_t(p, "proxy_workers") == 2
             assert await metric_t(p, "proxy_connections_active", listener="web") == 40
             per = [await metric_t(p, "proxy_worker_connections_active", worker=str(k))
@@ -143,8 +149,7 @@ async def test_a_worker_killed_is_restarted_and_the_others_connections_are_untou
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery, deployment(nursery,
                                                               proxy={"workers": 2}) as p:
-            ss = StreamSet(p.port, 30).start(nursery)
-            await wait_until(lambda: all(s.replies > 2 for s in ss.streams))
+            ss = await flowing(nursery, p, 30, 2)
             victim = workers(p)[0]
             held = await metric_t(p, "proxy_worker_connections_active", worker="0")
             assert held > 0
@@ -190,8 +195,7 @@ async def test_a_hung_worker_is_found_by_heartbeat_and_replaced() -> None:
                     os.kill(victim, signal.SIGCONT)
             await wait_until(lambda: not alive(victim), timeout=10)
             assert await metric_t(p, "proxy_worker_restarts_total", reason="hung") == 1
-            ss = StreamSet(p.port, 10).start(nursery)
-            await wait_until(lambda: all(s.replies > 2 for s in ss.streams))
+            ss = await flowing(nursery, p, 10, 2)
             ss.stop.set()
             assert_clean(ss.streams)
             nursery.cancel_scope.cancel()
@@ -201,8 +205,7 @@ async def test_a_new_worker_that_fails_to_start_rolls_back_the_whole_generation(
     with trio.fail_after(90):
         async with trio.open_nursery() as nursery, deployment(nursery,
                                                               proxy={"workers": 2}) as p:
-            ss = StreamSet(p.port, 20).start(nursery)
-            await wait_until(lambda: all(s.replies > 0 for s in ss.streams))
+            ss = await flowing(nursery, p, 20, 0)
             sup, ws = p.pid(), workers(p)
             p.arm_fault("worker1:start:exit")
             cmd = [sys.executable, "-m", "proxy", "upgrade", "--config", str(p.config)]
@@ -228,8 +231,7 @@ async def test_a_new_generation_dying_at_released_leaves_the_old_one_serving_eve
     with trio.fail_after(90):
         async with trio.open_nursery() as nursery, deployment(nursery,
                                                               proxy={"workers": 2}) as p:
-            ss = StreamSet(p.port, 20).start(nursery)
-            await wait_until(lambda: all(s.replies > 0 for s in ss.streams))
+            ss = await flowing(nursery, p, 20, 0)
             sup, ws = p.pid(), workers(p)
             mark = len(p.text())
             # Every new process (supervisor and workers) dies the moment it is released to.
@@ -260,8 +262,7 @@ async def test_sigterm_stops_the_supervisor_and_every_worker_gracefully() -> Non
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery, deployment(nursery,
                                                               proxy={"workers": 2}) as p:
-            ss = StreamSet(p.port, 6).start(nursery)
-            await wait_until(lambda: all(s.replies > 0 for s in ss.streams))
+            ss = await flowing(nursery, p, 6, 0)
             sup, ws = p.pid(), workers(p)
             os.kill(sup, signal.SIGTERM)
             # Each process logs draining once its copies of the listeners are closed.
@@ -310,8 +311,7 @@ async def test_workers_whose_supervisor_dies_finish_their_connections_and_exit()
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery, deployment(nursery,
                                                               proxy={"workers": 2}) as p:
-            ss = StreamSet(p.port, 10).start(nursery)
-            await wait_until(lambda: all(s.replies > 0 for s in ss.streams))
+            ss = await flowing(nursery, p, 10, 0)
             sup, ws = p.pid(), workers(p)
             os.kill(sup, signal.SIGKILL)
             for pid in ws.values():  # each stops accepting and drains: no orphan serves on
