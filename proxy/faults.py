@@ -8,7 +8,8 @@ one upgrade at a time. Never set in production (the README lists it under "test-
 the variable is unset every hook is a dictionary lookup and a return.
 
 Steps: new: start, before_ready, after_conns, after_ack, after_released;
-       old: after_ready, after_released, after_conns, before_done;
+       old: after_ready, after_gate (with workers: released, RELEASED not sent yet),
+            after_released, after_conns, before_done;
        migrate_in (host migration, the receiving proxy): before_ack;
        migrate_out (the giving proxy): before_freeze, after_conns;
        worker<K> (worker K of a new generation): start.

@@ -254,7 +254,11 @@ async def _worker_start(cfg: Config, spec: WorkerSpec, link: WorkerLink, server:
         if settled >= len(spec.peers):
             all_settled.set()
 
+    released_to_us = False  # a peer session's RELEASED: its connections come here
+
     def peer_released(s: Serving) -> None:
+        nonlocal released_to_us
+        released_to_us = True
         settle()
 
     def peer_failed(reason: str) -> None:
@@ -284,6 +288,16 @@ async def _worker_start(cfg: Config, spec: WorkerSpec, link: WorkerLink, server:
         wait.start_soon(gone)
         await link.serve.wait()
         wait.cancel_scope.cancel()
+    if not link.serve.is_set() and released_to_us:
+        # Our supervisor died after the old workers released to us (a kill -9 at RELEASED):
+        # the connections we took, and those still coming, are ours alone. Finish them like
+        # any worker whose supervisor is gone, and accept nothing (the old generation serves
+        # again).
+        served = True  # (from here a peer session that breaks costs only itself)
+        adopt_stderr()
+        log.warning("supervisor_lost", before="serve", connections=len(server.conns))
+        root.start_soon(stop, False)
+        return
     if not link.serve.is_set():
         raise StartupError("the supervisor hung up before SERVE")
     served = True

@@ -574,6 +574,7 @@ class Upgrader:
         await fault_point("old", "after_ready")
         if self.hooks.gate is not None:
             await self.hooks.gate(ch)  # raises UpgradeError: this attempt rolls back
+            await fault_point("old", "after_gate")
         # The new generation holds every listener; one of us accepts at a time. Connections
         # that arrive between these two lines wait in the backlog we share.
         srv.stop_accepting()

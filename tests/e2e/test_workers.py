@@ -327,3 +327,41 @@ async def test_workers_whose_supervisor_dies_finish_their_connections_and_exit()
             await wait_until(lambda: not any(alive(w) for w in ws.values()), timeout=20)
             assert_clean(ss.streams)
             nursery.cancel_scope.cancel()
+
+
+async def test_new_workers_orphaned_before_serve_finish_what_they_took() -> None:
+    """The new supervisor dies after the old workers released to its workers, before it could
+    tell them to SERVE: they accept nothing, finish the connections they took, and the old
+    generation serves again. No stream breaks."""
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery, deployment(nursery,
+                                                              proxy={"workers": 2}) as p:
+            ss = await flowing(nursery, p, 20)
+            sup = p.pid()
+            mark = len(p.text())
+            # Every old process waits 1.5 s after the gate: the workers before their RELEASED,
+            # then the supervisor before the generation's RELEASED (the window we want).
+            p.arm_fault("old:after_gate:delay")
+            os.kill(sup, signal.SIGUSR2)
+            for k in (0, 1):
+                await trio.to_thread.run_sync(lambda k=k: p.wait_log(  # type: ignore[misc]
+                    rf"event=phase gen=1 pid=\d+ worker={k} phase=released ", start=mark))
+            m = await trio.to_thread.run_sync(lambda: p.wait_log(
+                r"event=phase gen=2 pid=(\d+) phase=taking_over", start=mark))
+            new_sup = int(m.group(1))
+            os.kill(new_sup, signal.SIGKILL)
+            p.disarm_fault()
+            for _ in (0, 1):
+                await trio.to_thread.run_sync(lambda: p.wait_log(
+                    r"event=supervisor_lost gen=2 pid=\d+ worker=\d .*before=serve", start=mark))
+            await trio.to_thread.run_sync(lambda: p.wait_log(
+                rf"event=upgrade_failed gen=1 pid={sup} ", start=mark))
+            assert p.pid() == sup
+            await wait_until(streams_progress(ss.streams))  # moved ones too: nothing broke
+            more = await flowing(nursery, p, 6, 2)  # and the old generation accepts again
+            ss.stop.set()
+            more.stop.set()
+            await wait_until(lambda: not any(s.open for s in ss.streams))
+            assert_clean(ss.streams)
+            assert_clean(more.streams)
+            nursery.cancel_scope.cancel()
