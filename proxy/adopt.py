@@ -86,6 +86,7 @@ class Options:
     # new supervisor starts its workers there; raising refuses the takeover (nothing changed).
     before_ready: Callable[[dict[str, socket.socket]], Awaitable[None]] | None = None
     kept: dict[str, socket.socket] = field(default_factory=dict)
+    quit_reason: str = ""  # set before cancelling: ABORT says this, and that we will not serve
 
 
 async def take_over(cfg: Config, server: Server, metrics: Metrics,
@@ -196,9 +197,11 @@ class _Takeover:
                 await self._receive_all()
             return
         except trio.Cancelled:
-            reason = STOPPING
+            # (quit_reason: we take nothing more but keep what we hold; the peer then resumes
+            # what we did not ACK, and its generation decides who serves: worker.py)
+            reason = self.opts.quit_reason or STOPPING
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                await self.ch.abort(reason, serving=self.serving)
+                await self.ch.abort(reason, serving=self.serving and not self.opts.quit_reason)
             self.server.drop_adopted()  # never ACKed: the old generation resumes them
             raise
         except (ChannelError, ProtocolError, ValueError, OSError) as exc:

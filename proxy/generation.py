@@ -269,11 +269,22 @@ async def _worker_start(cfg: Config, spec: WorkerSpec, link: WorkerLink, server:
         log.warning("peer_session_failed", reason=reason)
         settle()
 
+    peer_opts: list[Options] = []
+    peer_scopes: list[trio.CancelScope] = []
+
+    async def peer(path: str, task_status: trio.TaskStatus[int]) -> None:
+        opts = Options(path=Path(path), worker=True)
+        peer_opts.append(opts)
+        scope = trio.CancelScope()
+        peer_scopes.append(scope)
+        with scope:
+            await _peer_session(cfg, server, metrics, path, peer_released, peer_failed, opts,
+                                task_status=task_status)
+
     try:
         await fault_point(f"worker{spec.index}", "start")
         for path in spec.peers:
-            await root.start(_peer_session, cfg, server, metrics, path, peer_released,
-                             peer_failed)
+            await root.start(peer, path)
     except (OSError, TakeoverRefused) as exc:
         await link.send(Failed(str(exc)))
         raise StartupError(str(exc)) from exc
@@ -290,12 +301,16 @@ async def _worker_start(cfg: Config, spec: WorkerSpec, link: WorkerLink, server:
         wait.cancel_scope.cancel()
     if not link.serve.is_set() and released_to_us:
         # Our supervisor died after the old workers released to us (a kill -9 at RELEASED):
-        # the connections we took, and those still coming, are ours alone. Finish them like
-        # any worker whose supervisor is gone, and accept nothing (the old generation serves
-        # again).
+        # the connections we ACKed are ours alone. We take no more (each peer resumes what we
+        # did not ACK, and serves on: its generation serves again), finish ours like any
+        # worker whose supervisor is gone, and accept nothing.
         served = True  # (from here a peer session that breaks costs only itself)
         adopt_stderr()
         log.warning("supervisor_lost", before="serve", connections=len(server.conns))
+        for opts in peer_opts:
+            opts.quit_reason = "the new generation's supervisor is gone"
+        for scope in peer_scopes:
+            scope.cancel()
         root.start_soon(stop, False)
         return
     if not link.serve.is_set():
@@ -317,10 +332,11 @@ async def _worker_start(cfg: Config, spec: WorkerSpec, link: WorkerLink, server:
 
 async def _peer_session(cfg: Config, server: Server, metrics: Metrics, path: str,
                         on_released: Callable[[Serving], None], on_failed: Callable[[str], None],
+                        opts: Options | None = None,
                         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Take the connections of one old worker (its channel at `path`) into `server`. Started
     once the session said READY; `on_released` at its RELEASED, `on_failed` if it breaks
     before."""
     log.info("peer_session", path=path)
     await take_over(cfg, server, metrics, on_released, lambda s: s.close(), on_failed,
-                    task_status=task_status, opts=Options(path=Path(path), worker=True))
+                    task_status=task_status, opts=opts or Options(path=Path(path), worker=True))

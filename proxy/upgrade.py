@@ -496,8 +496,11 @@ class Upgrader:
             if kept:
                 log.info("handover_resumed", connections=kept)
         quits = attempt.successor_quits  # it gave up before it saw RELEASED: it exits
+        # (an old worker's supervisor decides by its successor generation's pid, not by this
+        # peer's: a new worker that quits may still be finishing what it took)
         gone = await pidfile.wait_gone(
-            peer_pid, self.cfg.proxy.upgrade_timeout if quits else SUCCESSOR_EXIT_WAIT)
+            peer_pid, self.cfg.proxy.upgrade_timeout if quits and not self.hooks.worker
+            else SUCCESSOR_EXIT_WAIT)
         if quits and not gone and attempt.child is not None:
             self._killed.add(peer_pid)
             with contextlib.suppress(ProcessLookupError):
