@@ -92,7 +92,10 @@ def analyse(d: Deployment, records: list[Record]) -> tuple[list[Row], list[str],
         if w is not None and (w.outcome == "stopped" or w.restarted):
             why = "service stopped"
         elif w is not None and w.kind == "kill9_new" and w.new_held > 0 and \
-                ev["t_op"] < w.t_fault + 0.05 and ev["t"] >= w.t_fault:
+                w.t_fault <= ev["t"] and (ev["t_op"] < w.t_fault + 0.05 or (
+                    args.workers > 1 and ev["t"] <= w.t_fault + args.drain_timeout + 1.0)):
+            # (with workers the killed supervisor's workers finish what they had taken, up to
+            # drain_timeout, instead of dying with it: a connection they held may end then)
             w.new_held -= 1
             why = "held by the killed new generation"
         elif w is not None and w.kind == "kill9_old_released" and w.t_fault and \
