@@ -42,12 +42,8 @@ async def dispatch(sigs: AsyncIterator[int], upgrader: Upgrader,
         elif stop_requested:
             if sig == signal.SIGINT:
                 start_stop(True)
-        elif upgrader.successor_pid and not upgrader.serving:
+        elif forward_if_released(upgrader, sig):
             stop_requested = True
-            log.info("stop_forwarded", signal=signal.Signals(sig).name,
-                     to_pid=upgrader.successor_pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(upgrader.successor_pid, sig)
         else:
             stop_requested = True
             log.info("stop_requested", signal=signal.Signals(sig).name)

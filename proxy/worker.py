@@ -162,6 +162,7 @@ class WorkerLink:
         self._gate = send
         try:
             await self.link.send(PeerReady())
+            log.info("worker_gating", reason="the successor said READY: waiting for RELEASE")
             reason: str | None = "no RELEASE from the supervisor in time"
             async with trio.open_nursery() as nursery:
                 async def hangup() -> None:
