@@ -11,8 +11,9 @@ control line:
 
     worker session (.w0):  successor READY -> worker_gate(): gating, wait for the decision
     generation session:    READY -> generation_gate(): wait until gating, release, wait until
-                           the worker session sent RELEASED -> RELEASED (generation-level
-                           metrics only) -> wait_worker_done() -> DONE
+                           the worker session sent RELEASED -> RELEASED (our generation's
+                           counters, plus the worker session's base: carried()) -> the
+                           worker channel's Upgrader exits (Hooks.via_workers) -> DONE
 
 A peer that speaks protocol 3 or lower (the previous release) gets the classic session: the
 connections travel on the generation session and the worker channel stays unused.
@@ -35,7 +36,6 @@ class LocalGate:
         self._gating = trio.Event()
         self._decision: trio.MemorySendChannel[str | None] | None = None
         self._released = trio.Event()
-        self.worker_done = trio.Event()  # the worker session ended (DONE sent, or it broke)
         self._base: dict[str, list[Any]] = {}
         self._committed = False
 
